@@ -1,0 +1,3 @@
+from vdiskfs.cli import main
+
+raise SystemExit(main())

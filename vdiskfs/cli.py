@@ -1,0 +1,83 @@
+"""Command-line entry point: `vdiskfs COMMAND [options]`.
+
+Each command lives in vdiskfs/commands/<name>.py and provides:
+- HELP: a one-line summary for the command list;
+- add_arguments(parser): adds the command's options to its argparse parser;
+- run(args) -> int: does the work and returns the exit status.
+
+A VdiskError or OSError that reaches main() is printed as one line,
+`vdiskfs: <message>`, with exit status 1; a traceback appears only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from vdiskfs import __version__
+from vdiskfs.errors import VdiskError
+
+COMMANDS = ("mount", "umount", "info", "create")
+
+EPILOG = """\
+examples:
+  vdiskfs mount disk.qcow2 /mnt/disk      expose disk.qcow2 as /mnt/disk/disk.raw
+  vdiskfs umount /mnt/disk                flush, unmount and wait for the daemon
+  vdiskfs info disk.qcow2                 show format, size, features and backing chain
+  vdiskfs create -f qcow2 disk.qcow2 10G  make a new, empty image
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdiskfs",
+        description="Expose qcow2 and raw disk images as flat raw files through FUSE.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vdiskfs {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"vdiskfs.commands.{name}")
+        subparser = subparsers.add_parser(
+            name, help=module.HELP, description=module.HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        subparser.add_argument("--debug", action="store_true",
+                               help="log debug messages and show tracebacks")
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="vdiskfs: %(message)s" if not args.debug else
+        "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+
+    try:
+        return args.run(args)
+    except (VdiskError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"vdiskfs: {format_error(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vdiskfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def format_error(error: BaseException) -> str:
+    """Render an error as one line; OSError shows its file name and strerror."""
+    if isinstance(error, OSError) and error.strerror:
+        if error.filename is not None:
+            return f"{error.filename}: {error.strerror}"
+        return error.strerror
+    return str(error)

@@ -1,0 +1,1 @@
+"""One module per `vdiskfs` command; see vdiskfs/cli.py for the contract."""

@@ -1,0 +1,163 @@
+"""The format driver interface that every image format implements.
+
+The FUSE layer and the CLI talk only to this interface. A driver turns a guest range into
+runs with map_range(); the generic read path in Driver.read() consumes those runs, and the
+write, discard and map commands consume the same runs.
+
+Concurrency rule: drivers are synchronous and not thread-safe. The FUSE layer calls them from
+the trio thread only, so one request runs to completion before the next one starts.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from vdiskfs.errors import ReadOnlyError
+
+
+class RunKind(enum.Enum):
+    """State of a guest range in one layer of a backing chain."""
+
+    UNALLOCATED = "unallocated"  # reads from the backing file, or zeros without one
+    ZERO = "zero"  # reads as zeros and hides the backing file
+    DATA = "data"  # stored uncompressed at host_offset in the layer's data file
+    COMPRESSED = "compressed"  # part of a compressed cluster
+
+
+@dataclass(frozen=True)
+class Run:
+    """A guest range of one layer whose bytes all come from the same place.
+
+    For DATA, host_offset is the byte offset of guest_offset in the data file. For
+    COMPRESSED, host_offset and compressed_length locate the compressed cluster, and
+    cluster_offset is the guest offset at which that cluster starts.
+    """
+
+    guest_offset: int
+    length: int
+    kind: RunKind
+    host_offset: int = 0
+    compressed_length: int = 0
+    cluster_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.guest_offset + self.length
+
+
+class Driver(abc.ABC):
+    """An open image of one format: one layer of a backing chain.
+
+    Subclasses set filename, virtual_size and read_only in open(), and may set
+    backing_filename and backing_format; open_chain() then opens the backing file and
+    hands it to attach_backing().
+    """
+
+    format_name: str = ""
+
+    filename: str
+    virtual_size: int
+    read_only: bool
+    backing: Optional["Driver"] = None
+    backing_filename: Optional[str] = None
+    backing_format: Optional[str] = None
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, head: bytes, filename: str) -> int:
+        """Score from 0 to 100 for how surely `head` (the first 512 bytes) is this format."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, filename: str, *, read_only: bool, cache_size: int) -> "Driver":
+        """Open and validate `filename`; raise a VdiskError that names the bad field on failure."""
+
+    @abc.abstractmethod
+    def map_range(self, offset: int, length: int) -> Iterator[Run]:
+        """Yield runs that cover [offset, offset + length) of this layer, in guest order.
+
+        The range must lie inside the virtual size. Raises CorruptImageError on damaged
+        metadata.
+        """
+
+    @abc.abstractmethod
+    def read_data(self, run: Run, view: memoryview) -> None:
+        """Fill `view` with the bytes of a DATA or COMPRESSED run of this layer."""
+
+    def attach_backing(self, backing: "Driver") -> None:
+        self.backing = backing
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return up to `length` bytes from guest `offset`, short at the end of the disk."""
+        if offset >= self.virtual_size or length <= 0:
+            return b""
+        length = min(length, self.virtual_size - offset)
+
+        buffer = bytearray(length)
+        self.read_into(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill `view` with guest data from `offset`; the range must lie inside the disk."""
+        for run in self.map_range(offset, len(view)):
+            part = view[run.guest_offset - offset:run.end - offset]
+            if run.kind is RunKind.DATA or run.kind is RunKind.COMPRESSED:
+                self.read_data(run, part)
+            elif run.kind is RunKind.UNALLOCATED and self.backing is not None:
+                self.read_backing(run.guest_offset, part)
+            else:
+                part[:] = bytes(len(part))
+
+    def read_backing(self, offset: int, view: memoryview) -> None:
+        """Fill `view` from the backing file; what lies past its end reads as zeros."""
+        backing = self.backing
+        covered = max(0, min(len(view), backing.virtual_size - offset))
+        if covered:
+            backing.read_into(offset, view[:covered])
+        if covered < len(view):
+            view[covered:] = bytes(len(view) - covered)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write `data` at guest `offset`; the range must lie inside the disk."""
+        raise ReadOnlyError(f"{self.filename}: the {self.format_name} driver cannot write")
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release [offset, offset + length); later reads return zeros or backing data."""
+        raise ReadOnlyError(f"{self.filename}: the {self.format_name} driver cannot discard")
+
+    def resize(self, new_size: int) -> None:
+        """Change the virtual size."""
+        raise ReadOnlyError(f"{self.filename}: the {self.format_name} driver cannot resize")
+
+    def flush(self) -> None:
+        """Make every completed write durable, in this layer and its data file."""
+
+    def close(self) -> None:
+        """Flush and release this layer and every backing layer below it."""
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    def allocated_size(self) -> int:
+        """Bytes the image file occupies on disk (st_blocks * 512)."""
+        return os.stat(self.filename).st_blocks * 512
+
+    def describe(self) -> dict:
+        """Fields for `vdiskfs info`, keyed as `qemu-img info --output=json` keys them."""
+        info = {
+            "filename": self.filename,
+            "format": self.format_name,
+            "virtual-size": self.virtual_size,
+            "actual-size": self.allocated_size(),
+        }
+        if self.backing_filename is not None:
+            info["backing-filename"] = self.backing_filename
+            if self.backing is not None:
+                info["full-backing-filename"] = self.backing.filename
+            if self.backing_format is not None:
+                info["backing-filename-format"] = self.backing_format
+        return info

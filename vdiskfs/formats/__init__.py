@@ -1,0 +1,1 @@
+"""Format drivers, each an implementation of vdiskfs.driver.Driver."""

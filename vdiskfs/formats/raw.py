@@ -1,0 +1,67 @@
+"""The raw format: the file or block device is the disk, byte for byte."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from vdiskfs.driver import Driver, Run, RunKind
+from vdiskfs.errors import ReadOnlyError
+from vdiskfs.hostfile import file_size, open_host_file
+
+
+class RawDriver(Driver):
+    format_name = "raw"
+
+    def __init__(self, filename: str, fd: int, read_only: bool) -> None:
+        self.filename = filename
+        self.fd = fd
+        self.read_only = read_only
+        self.virtual_size = file_size(fd)
+
+    @classmethod
+    def probe(cls, head: bytes, filename: str) -> int:
+        # Any file is a raw disk, so raw wins only when no other format claims the file.
+        return 1
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool, cache_size: int = 0) -> "RawDriver":
+        return cls(filename, open_host_file(filename, read_only), read_only)
+
+    def map_range(self, offset: int, length: int) -> Iterator[Run]:
+        yield Run(offset, length, RunKind.DATA, host_offset=offset)
+
+    def read_data(self, run: Run, view: memoryview) -> None:
+        done = os.preadv(self.fd, [view], run.host_offset)
+        if done < len(view):
+            # The file shrank under us; what is gone reads as zeros.
+            view[done:] = bytes(len(view) - done)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.virtual_size or length <= 0:
+            return b""
+        length = min(length, self.virtual_size - offset)
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.flush()
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
