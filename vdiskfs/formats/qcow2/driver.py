@@ -19,6 +19,7 @@ from vdiskfs.formats.qcow2.compression import decompress_cluster
 from vdiskfs.formats.qcow2.header import Qcow2Header, parse_header
 from vdiskfs.formats.qcow2.mapping import Mapper
 from vdiskfs.formats.qcow2.snapshot import read_snapshot_table
+from vdiskfs.formats.qcow2.writable import WritableMixin
 from vdiskfs.hostfile import file_size, open_host_file, pread_exact
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 DECOMPRESSED_CACHE_BYTES = 8 * 1024 * 1024
 
 
-class Qcow2Driver(Driver):
+class Qcow2Driver(WritableMixin, Driver):
     format_name = "qcow2"
 
     def __init__(self, filename: str, fd: int, read_only: bool, cache_size: int) -> None:
@@ -35,6 +36,7 @@ class Qcow2Driver(Driver):
         self.fd = fd
         self.data_file_fd = fd
         self.data_file_name: Optional[str] = None
+        self.data_file_raw = False
         self.read_only = read_only
         self.cache_size = cache_size
         self._file_size = file_size(fd)
@@ -55,6 +57,8 @@ class Qcow2Driver(Driver):
         self.mapper = Mapper(self, self.l1_table)
         self._decompressed: "OrderedDict[int, bytes]" = OrderedDict()
         self._decompressed_capacity = max(1, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
+        if not self.read_only:
+            self.enable_writes()
 
     # -- opening --------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class Qcow2Driver(Driver):
             raise InvalidImageError(
                 f"cannot open external data file {path}: {error.strerror}") from None
         self.data_file_name = path
+        self.data_file_raw = bool(self.header.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
 
     def _read_l1_table(self, offset: int, entries: int):
         data = pread_exact(self.fd, entries * 8, offset)
@@ -155,7 +160,8 @@ class Qcow2Driver(Driver):
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.flush()
+            if not self.read_only:
+                self.close_writable()
             if self.data_file_fd != self.fd:
                 os.close(self.data_file_fd)
             os.close(self.fd)
