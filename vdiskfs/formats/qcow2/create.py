@@ -218,7 +218,7 @@ def normalize_options(options: Qcow2CreateOptions) -> Qcow2CreateOptions:
 def validate_options(options: Qcow2CreateOptions) -> None:
     """Raise InvalidOptionError for the first invalid option or forbidden combination."""
     _validate_values(options)
-    _validate_version_features(options)
+    _validate_feature_requirements(options)
     _validate_backing_and_data_file(options)
     layout = plan_layout(options)
     _validate_limits(options, layout)
@@ -248,7 +248,12 @@ def _validate_values(options: Qcow2CreateOptions) -> None:
     validate_preallocation(options.preallocation, PREALLOCATION_MODES)
 
 
-def _validate_version_features(options: Qcow2CreateOptions) -> None:
+def _validate_feature_requirements(options: Qcow2CreateOptions) -> None:
+    if options.extended_l2 and options.cluster_size < MIN_EXTENDED_L2_CLUSTER_SIZE:
+        raise InvalidOptionError(
+            f"invalid extended_l2 on: requires cluster_size "
+            f"{format_size_value(MIN_EXTENDED_L2_CLUSTER_SIZE)} or larger, not "
+            f"{format_size_value(options.cluster_size)}")
     if options.version >= 3:
         return
     if options.refcount_bits != 16:
@@ -267,12 +272,6 @@ def _validate_version_features(options: Qcow2CreateOptions) -> None:
 
 
 def _validate_backing_and_data_file(options: Qcow2CreateOptions) -> None:
-    if options.extended_l2 and options.cluster_size < MIN_EXTENDED_L2_CLUSTER_SIZE:
-        raise InvalidOptionError(
-            f"invalid extended_l2 on: requires cluster_size "
-            f"{format_size_value(MIN_EXTENDED_L2_CLUSTER_SIZE)} or larger, not "
-            f"{format_size_value(options.cluster_size)}")
-
     backing = options.backing_file
     if options.backing_fmt is not None and backing is None:
         raise InvalidOptionError(
@@ -307,8 +306,9 @@ def _validate_limits(options: Qcow2CreateOptions, layout: Qcow2Layout) -> None:
     if layout.l1_size * L1_ENTRY_SIZE > MAX_L1_SIZE_BYTES:
         max_size = MAX_L1_SIZE_BYTES // L1_ENTRY_SIZE * layout.l2_entries * cluster_size
         raise InvalidOptionError(
-            f"invalid size {options.size}: cluster_size {format_size_value(cluster_size)} "
-            f"allows at most {format_size_value(max_size)} (use a larger cluster_size)")
+            f"invalid size {format_size_value(options.size)}: cluster_size "
+            f"{format_size_value(cluster_size)} allows at most {format_size_value(max_size)} "
+            f"(use a larger cluster_size)")
 
     if layout.refcount_table_clusters * cluster_size > MAX_REFCOUNT_TABLE_BYTES:
         raise InvalidOptionError(
