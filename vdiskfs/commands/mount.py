@@ -1,0 +1,150 @@
+"""`vdiskfs mount`: expose an image as a raw file in a directory, served by a FUSE daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from vdiskfs import daemon
+from vdiskfs.daemon import FUSE_SUBTYPE, MountError, RuntimeFiles
+from vdiskfs.driver import Driver
+from vdiskfs.errors import VdiskError
+from vdiskfs.fs import DiskOperations, exported_name
+from vdiskfs.registry import DEFAULT_CACHE_SIZE, open_chain
+from vdiskfs.sizes import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+HELP = "expose an image as a raw file in MOUNTPOINT, served by a FUSE daemon"
+
+EPILOG = """\
+The image appears as MOUNTPOINT/NAME.raw, NAME being the image's file name without its last
+extension. The command returns once the mount is live; the daemon keeps running in the
+background until `vdiskfs umount MOUNTPOINT`, SIGTERM or SIGINT.
+
+examples:
+  vdiskfs mount disk.qcow2 /mnt/disk                 serve /mnt/disk/disk.raw
+  vdiskfs mount --read-only disk.qcow2 /mnt/disk     serve it read-only
+  vdiskfs mount -f --debug disk.qcow2 /mnt/disk      stay in the foreground; Ctrl-C unmounts
+  vdiskfs mount --cache-size 256M disk.qcow2 /mnt/disk
+  vdiskfs mount --allow-other -o noatime disk.qcow2 /mnt/disk
+  losetup --find --show /mnt/disk/disk.raw           use the raw file as a block device
+  vdiskfs umount /mnt/disk                           flush, unmount and wait for the daemon
+"""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="image file to expose")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT",
+                        help="existing directory in which the raw file appears")
+    parser.add_argument("--format", dest="format_name", metavar="FMT",
+                        help="image format (qcow2 or raw); probed when omitted")
+    parser.add_argument("-r", "--read-only", action="store_true",
+                        help="open the image read-only and mount with the 'ro' option; "
+                             "writes fail with EROFS")
+    parser.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                        help="memory for cached image metadata, in bytes with an optional "
+                             f"K, M or G suffix (default: {format_size(DEFAULT_CACHE_SIZE)})")
+    parser.add_argument("--allow-other", action="store_true",
+                        help="let other users access the mount (FUSE option allow_other; "
+                             "needs user_allow_other in /etc/fuse.conf unless run by root)")
+    parser.add_argument("-o", dest="fuse_options", action="append", default=[],
+                        metavar="OPTS",
+                        help="extra FUSE mount options, comma separated; may be repeated")
+    parser.add_argument("--debug-fuse", action="store_true",
+                        help="make libfuse print every FUSE request and reply")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground and log to stderr; otherwise the daemon "
+                             f"logs to {daemon.describe_log_location()}")
+    parser.epilog = EPILOG
+
+
+def run(args: argparse.Namespace) -> int:
+    mountpoint = check_mountpoint(args.mountpoint)
+    extra_options = split_options(args.fuse_options)
+    # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
+    read_only = args.read_only or "ro" in extra_options
+
+    driver = open_image(args.image, args.format_name, read_only, args.cache_size)
+    try:
+        operations = DiskOperations([(exported_name(args.image), driver)])
+    except BaseException:
+        driver.close()
+        raise
+
+    options = fuse_options(driver, read_only, args.allow_other, args.debug_fuse, extra_options)
+    files = RuntimeFiles.for_mountpoint(mountpoint)
+    log.debug("FUSE options: %s", ",".join(sorted(options)))
+    if args.debug_fuse:
+        logging.getLogger("pyfuse3").setLevel(logging.DEBUG)
+    else:
+        logging.getLogger("pyfuse3").setLevel(logging.INFO)
+
+    try:
+        if args.foreground:
+            return daemon.run_foreground(operations, mountpoint, options, files)
+        pid = daemon.start_background(operations, mountpoint, options, files)
+    except MountError as error:
+        raise MountError(f"cannot mount {args.image} on {args.mountpoint}: {error}") from None
+    log.debug("vdiskfs daemon %d serves %s; it logs to %s", pid, mountpoint, files.log)
+    return 0
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Return the real path of `mountpoint`; raise MountError when nothing can be mounted there."""
+    real_path = os.path.realpath(mountpoint)
+    # Check the mount table first: stat() on a FUSE mount whose daemon died fails with ENOTCONN.
+    if daemon.find_mount(real_path) is not None:
+        raise MountError(f"cannot mount on {mountpoint}: already a mount point")
+    if not os.path.exists(real_path):
+        raise MountError(f"cannot mount on {mountpoint}: no such directory")
+    if not os.path.isdir(real_path):
+        raise MountError(f"cannot mount on {mountpoint}: not a directory")
+    return real_path
+
+
+def open_image(image: str, format_name, read_only: bool, cache_size: int) -> Driver:
+    """Open `image` and its backing chain; raise MountError that names the image on failure."""
+    try:
+        # An absolute name keeps working after the daemon changes to the root directory.
+        return open_chain(os.path.abspath(image), format_name, read_only=read_only,
+                          cache_size=cache_size)
+    except OSError as error:
+        raise MountError(f"cannot open {image}: {error.strerror or error}") from None
+    except VdiskError as error:
+        raise MountError(f"cannot open {image}: {error}") from None
+
+
+def split_options(values: list) -> list:
+    """Split the values of repeated -o arguments at commas, dropping empty items."""
+    return [option.strip() for value in values for option in value.split(",") if option.strip()]
+
+
+def fuse_options(driver: Driver, read_only: bool, allow_other: bool, debug_fuse: bool,
+                 extra: list) -> set:
+    """Return the FUSE mount options for one image."""
+    options = {"default_permissions", f"subtype={FUSE_SUBTYPE}",
+               f"fsname={_fsname(driver.filename)}"}
+    if read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    if debug_fuse:
+        options.add("debug")
+    options.update(extra)
+    return options
+
+
+def _fsname(filename: str) -> str:
+    # pyfuse3 passes options as ASCII, and libfuse splits them at commas unless escaped.
+    if not filename.isascii():
+        return "vdiskfs"
+    return filename.replace("\\", "\\\\").replace(",", "\\,")
