@@ -75,12 +75,16 @@ def run(args: argparse.Namespace) -> int:
 
 def create_image(args: argparse.Namespace, values: Dict[str, str]) -> None:
     """Merge -b, -F and SIZE into the -o values, fill in the size, and create the image."""
-    # As in qemu-img, -b, -F and SIZE replace the -o options of the same meaning.
+    # As in qemu-img, -b and -F replace the -o options of the same meaning, but a size
+    # must not be given twice.
     if args.backing_file is not None:
         values["backing_file"] = args.backing_file
     if args.backing_fmt is not None:
         values["backing_fmt"] = args.backing_fmt
     if args.size is not None:
+        if "size" in values:
+            raise InvalidOptionError(
+                f"invalid size {args.size}: the size is given twice, as SIZE and as -o size")
         values["size"] = args.size
 
     if args.format_name == "raw":

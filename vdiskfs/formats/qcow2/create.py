@@ -174,10 +174,15 @@ def create_qcow2(filename: str, options: Qcow2CreateOptions) -> None:
     validate_options(options)
     layout = plan_layout(options)
     header = build_header(options, layout)
+    if options.data_file is not None:
+        data_path = data_file_path(filename, options)
+        if os.path.abspath(data_path) == os.path.abspath(filename):
+            raise InvalidOptionError(
+                f"invalid data_file {options.data_file}: it is the image being created")
 
     with contextlib.ExitStack() as files:
         if options.data_file is not None:
-            data_fd = files.enter_context(new_image_file(data_file_path(filename, options)))
+            data_fd = files.enter_context(new_image_file(data_path))
             os.ftruncate(data_fd, options.size)
             preallocate(data_fd, 0, options.size, options.preallocation)
 
@@ -194,8 +199,10 @@ def create_qcow2(filename: str, options: Qcow2CreateOptions) -> None:
 
 
 def data_file_path(filename: str, options: Qcow2CreateOptions) -> str:
-    """Path at which the external data file is created: a relative name is taken
-    relative to the image's directory, where vdiskfs's qcow2 driver looks for it.
+    """Return the path at which the external data file is created.
+
+    A relative name is taken relative to the image's directory, where vdiskfs's qcow2
+    driver looks for it.
 
     NOTE: qemu-img 7.2 resolves a relative data_file against the current directory
     instead, so both agree only for absolute names or an image in the current directory.
@@ -276,29 +283,28 @@ def _validate_backing_and_data_file(options: Qcow2CreateOptions) -> None:
     if options.backing_fmt is not None and backing is None:
         raise InvalidOptionError(
             f"invalid backing_fmt {options.backing_fmt}: requires a backing file")
-    if backing is not None:
-        if not backing:
-            raise InvalidOptionError("invalid backing_file '': the name is empty")
-        if len(os.fsencode(backing)) > MAX_BACKING_FILE_SIZE:
-            raise InvalidOptionError(
-                f"invalid backing_file {backing}: longer than {MAX_BACKING_FILE_SIZE} bytes")
-        if options.preallocation != "off" and not options.extended_l2:
-            # Preallocated clusters would hide the backing file; with extended L2 entries
-            # their subclusters stay unallocated and still read from it.
-            raise InvalidOptionError(
-                f"invalid preallocation {options.preallocation}: an image with a backing "
-                f"file needs preallocation=off, unless extended_l2=on")
-    if options.backing_fmt == "":
-        raise InvalidOptionError("invalid backing_fmt '': the name is empty")
+    for name in ("backing_file", "backing_fmt", "data_file"):
+        if getattr(options, name) == "":
+            raise InvalidOptionError(f"invalid {name} '': the name is empty")
 
-    if options.data_file == "":
-        raise InvalidOptionError("invalid data_file '': the name is empty")
     if options.data_file_raw:
         if options.data_file is None:
             raise InvalidOptionError("invalid data_file_raw on: requires data_file")
         if backing is not None:
             raise InvalidOptionError(
                 "invalid data_file_raw on: a raw data file cannot have a backing file")
+
+    if backing is None:
+        return
+    if len(os.fsencode(backing)) > MAX_BACKING_FILE_SIZE:
+        raise InvalidOptionError(
+            f"invalid backing_file {backing}: longer than {MAX_BACKING_FILE_SIZE} bytes")
+    if options.preallocation != "off" and not options.extended_l2:
+        # Preallocated clusters would hide the backing file. With extended L2 entries,
+        # their subclusters stay unallocated and still read from it.
+        raise InvalidOptionError(
+            f"invalid preallocation {options.preallocation}: an image with a backing "
+            f"file needs preallocation=off, unless extended_l2=on")
 
 
 def _validate_limits(options: Qcow2CreateOptions, layout: Qcow2Layout) -> None:
@@ -462,31 +468,36 @@ def _write_refcount_table(fd: int, layout: Qcow2Layout) -> None:
 
 
 def _write_refcount_blocks(fd: int, layout: Qcow2Layout, refcount_bits: int) -> None:
+    # Only the refcounts of allocated clusters are written, because the rest of each
+    # block is already zero in the freshly truncated file.
     refcounts_per_block = layout.cluster_size * 8 // refcount_bits
-    full_block = refcount_block(refcounts_per_block, layout.cluster_size, refcount_bits)
+    full_block = encode_refcounts_of_one(refcounts_per_block, refcount_bits)
     for index in range(layout.refcount_blocks):
         count = min(refcounts_per_block, layout.allocated_clusters - index * refcounts_per_block)
-        block = full_block if count == refcounts_per_block else refcount_block(
-            count, layout.cluster_size, refcount_bits)
+        if count == refcounts_per_block:
+            block = full_block
+        else:
+            block = encode_refcounts_of_one(count, refcount_bits)
         _pwrite_all(fd, block, layout.offset(layout.refcount_block_cluster + index))
 
 
-def refcount_block(count: int, cluster_size: int, refcount_bits: int) -> bytes:
-    """Encode a refcount block whose first `count` refcounts are 1 and the rest 0.
+def encode_refcounts_of_one(count: int, refcount_bits: int) -> bytes:
+    """Encode the start of a refcount block whose first `count` refcounts are 1.
 
-    Refcounts narrower than a byte are packed from the least significant bit, as the
-    specification orders them; wider ones are big-endian.
+    The result stops after the byte that contains the last of them. Refcounts narrower
+    than a byte are packed from the least significant bit, as the specification orders
+    them, and wider ones are big-endian.
     """
     if refcount_bits >= 8:
-        used = (1).to_bytes(refcount_bits // 8, "big") * count
-    else:
-        per_byte = 8 // refcount_bits
-        full_bytes, remainder = divmod(count, per_byte)
-        ones = [1 << (index * refcount_bits) for index in range(per_byte)]
-        used = bytes([sum(ones)]) * full_bytes
-        if remainder:
-            used += bytes([sum(ones[:remainder])])
-    return used + bytes(cluster_size - len(used))
+        return (1).to_bytes(refcount_bits // 8, "big") * count
+
+    per_byte = 8 // refcount_bits
+    full_bytes, remainder = divmod(count, per_byte)
+    ones = [1 << (index * refcount_bits) for index in range(per_byte)]
+    encoded = bytes([sum(ones)]) * full_bytes
+    if remainder:
+        encoded += bytes([sum(ones[:remainder])])
+    return encoded
 
 
 def _write_l1_table(fd: int, layout: Qcow2Layout) -> None:
