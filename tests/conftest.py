@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import os
 import signal
 import subprocess
@@ -42,6 +43,18 @@ def subreaper():
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] != 0:
                 pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_logs(tmp_path_factory):
+    """Remove, after the run, the daemon logs of every mount below this run's temporary
+    directory; /run/vdiskfs would otherwise collect one file per mount of every run."""
+    yield
+    from vdiskfs.daemon import mount_key, runtime_dir
+
+    prefix = mount_key(os.path.realpath(tmp_path_factory.getbasetemp()))
+    for log_path in runtime_dir().glob(glob.escape(prefix) + "*.log"):
+        log_path.unlink(missing_ok=True)
 
 
 def wait_for_exit(pid: int, timeout: float) -> int:
