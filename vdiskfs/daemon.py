@@ -385,6 +385,10 @@ def serve_until_unmounted(operations: DiskOperations, mountpoint: str,
     A stop signal ends the FUSE loop and the mount is then removed here. When someone else
     unmounted (fusermount3 -u, umount, `vdiskfs umount`), libfuse notices that the mount is
     gone and does not try again. Either way the drivers are closed, which flushes them.
+
+    NOTE: after a stop signal, pages dirtied through a shared mmap and not yet written back
+    are lost, because the connection closes before the kernel sends them. Data written with
+    write() is not affected, because without writeback caching it reaches the driver at once.
     """
     state = _StopState()
     status = 0
