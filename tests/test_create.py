@@ -81,10 +81,19 @@ QCOW2_CASES = {
     "size-as-option": (["size=2G,cluster_size=4k"], None),
 }
 
-# Cases whose whole file qemu-img writes byte for byte as vdiskfs does.
-BYTE_IDENTICAL_CASES = ("default-1G", "cluster-4k", "cluster-2M", "compat-0.10", "zstd",
-                        "lazy-refcounts", "extended-l2-16k", "refcount-1", "size-0",
-                        "size-16T", "size-1000000")
+# Cases whose whole file qemu-img writes byte for byte as vdiskfs does:
+# id -> (arguments before IMAGE, SIZE). The first ids name cases of QCOW2_CASES.
+BYTE_IDENTICAL_CASES = {
+    case: ([argument for text in QCOW2_CASES[case][0] for argument in ("-o", text)],
+           QCOW2_CASES[case][1])
+    for case in ("default-1G", "cluster-4k", "cluster-2M", "compat-0.10", "zstd",
+                 "lazy-refcounts", "extended-l2-16k", "refcount-1", "size-0", "size-16T",
+                 "size-1000000")
+}
+BYTE_IDENTICAL_CASES.update({
+    "backing-unsafe": (["-u", "-b", "../base.raw", "-F", "raw", "-o", "cluster_size=4k"], "1G"),
+    "data-file-raw": (["-o", "data_file=disk.data,data_file_raw=on"], "1G"),
+})
 
 
 def comparable_info(image: Path) -> dict:
@@ -156,8 +165,8 @@ def test_qcow2_matches_qemu_img(tmp_path: Path, case: str) -> None:
 
 @pytest.mark.parametrize("case", BYTE_IDENTICAL_CASES)
 def test_qcow2_bytes_match_qemu_img(tmp_path: Path, case: str) -> None:
-    option_strings, size = QCOW2_CASES[case]
-    ours, theirs = create_pair(tmp_path, option_arguments(option_strings), size)
+    arguments, size = BYTE_IDENTICAL_CASES[case]
+    ours, theirs = create_pair(tmp_path, arguments, size)
 
     assert ours.stat().st_size == theirs.stat().st_size
     assert ours.read_bytes() == theirs.read_bytes()
@@ -551,6 +560,17 @@ def test_create_rejects_missing_image(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert result.stderr == "vdiskfs: missing IMAGE: give the file name of the image to create\n"
+
+
+def test_create_rejects_directory_target(tmp_path: Path) -> None:
+    target = tmp_path / "disk.img"
+    target.mkdir()
+    result = vdiskfs("create", "-f", "qcow2", target, "1G", check=False)
+
+    assert result.returncode == 1
+    assert result.stderr == (f"vdiskfs: cannot create {target}: {target} exists and is not a "
+                             f"regular file (vdiskfs creates images only as regular files)\n")
+    assert target.is_dir()
 
 
 def test_invalid_option_keeps_existing_file(tmp_path: Path) -> None:

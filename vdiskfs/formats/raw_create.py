@@ -115,8 +115,8 @@ def _check_replaceable(filename: str) -> None:
         # NOTE: qemu-img also formats block devices. vdiskfs rejects them, because it
         # removes the file name when creation fails.
         raise UnsupportedFeatureError(
-            f"{filename} exists and is not a regular file; vdiskfs creates images only "
-            f"as regular files")
+            f"{filename} exists and is not a regular file (vdiskfs creates images only "
+            f"as regular files)")
 
 
 def _fsync_directory(directory: str) -> None:

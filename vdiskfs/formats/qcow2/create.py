@@ -135,7 +135,7 @@ class Qcow2CreateOptions:
 
 @dataclass(frozen=True)
 class Qcow2Layout:
-    """Where each structure of a new image lies, counted in clusters from offset 0."""
+    """Positions of a new image's structures, counted in clusters from offset 0."""
 
     cluster_size: int
     guest_clusters: int
@@ -167,7 +167,7 @@ def create_qcow2(filename: str, options: Qcow2CreateOptions) -> None:
     """Create the qcow2 image `filename`, and its external data file if one is set.
 
     Raises InvalidOptionError, naming the option and its value, before any file is
-    touched. An existing file of the same name is replaced; a file that this call began
+    touched. An existing file of the same name is replaced. A file that this call began
     to write is removed again if a later step fails. Blocks until the image is durable.
     """
     options = normalize_options(options)
@@ -342,7 +342,7 @@ def _validate_limits(options: Qcow2CreateOptions, layout: Qcow2Layout) -> None:
 
 
 def plan_layout(options: Qcow2CreateOptions) -> Qcow2Layout:
-    """Place every structure of the new image; see the module docstring for the order."""
+    """Place every structure of the new image, in the order that the module docstring gives."""
     cluster_size = options.cluster_size
     l2_entries = cluster_size // options.l2_entry_size
     guest_clusters = _div_round_up(options.size, cluster_size)
@@ -516,7 +516,7 @@ def _write_l2_tables(fd: int, options: Qcow2CreateOptions, layout: Qcow2Layout) 
 
     With an external data file each guest cluster maps to the same offset there, which
     the specification requires. The entries carry QCOW_OFLAG_COPIED because every
-    refcount is 1; with extended L2 entries all subclusters stay unallocated, as in
+    refcount is 1. With extended L2 entries all subclusters stay unallocated, as in
     images that qemu-img 7.2 preallocates.
     """
     if options.data_file is None:
