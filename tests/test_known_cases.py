@@ -136,7 +136,7 @@ def compressed(directory: Path, compression_type: str, cluster_size: int, size: 
 
 
 def large_cluster_overlay(directory: Path) -> ReadCase:
-    """Make a 2 MiB-cluster overlay whose partial write copies 2 MiB from a 64 KiB-cluster backing."""
+    """Make a 2 MiB-cluster overlay whose small write copies 2 MiB from a 64 KiB-cluster base."""
     base = create_qcow2(directory / "base.qcow2", 4 * MiB)
     qemu_io(base, "write -P 0x11 0 4M")
     image = create_qcow2(directory / "ov2m.qcow2", 4 * MiB, "cluster_size=2M", backing="base.qcow2")

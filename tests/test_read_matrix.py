@@ -53,7 +53,7 @@ def build_cluster_size(directory: Path, cluster_size: int, compat: str = "1.1") 
 
 
 def build_v2_over_backing(directory: Path) -> BuiltImage:
-    """Version 2 has no zero flag, so zero writes over backing data store zeros."""
+    """Build a version 2 overlay, whose zero writes store zeros: version 2 has no zero flag."""
     base = directory / "base.raw"
     base.write_bytes(pattern_bytes(3 * MiB + 1000, seed=20))
     image = create_qcow2(directory / "disk.qcow2", 5 * MiB, "compat=0.10",
@@ -94,7 +94,7 @@ def build_compressed(directory: Path, compression_type: str, cluster_size: int,
 
 
 def build_zero_flag_with_stale_data(directory: Path) -> BuiltImage:
-    """Zero writes over data: the aligned one keeps its host cluster and its old bytes."""
+    """Zero parts of written data. The aligned zero write keeps its host cluster and old bytes."""
     image = create_qcow2(directory / "disk.qcow2", 4 * MiB)
     chunk = random_file(directory / "chunk.bin", 65539, seed=30)
     qemu_io(image, f"write -s {chunk} 0 {MiB}", "write -z 65536 131072", "write -z 300000 5000",
@@ -162,7 +162,7 @@ def build_data_file(directory: Path, data_file_raw: bool) -> BuiltImage:
 
 
 def build_three_deep_chain(directory: Path) -> BuiltImage:
-    """top.qcow2 (5 MiB) -> layers/mid.qcow2 (2 MiB) -> base.raw (1234567 bytes).
+    """Build top.qcow2 (5 MiB) -> layers/mid.qcow2 (2 MiB) -> base.raw (1234567 bytes).
 
     Both backing names are relative: 'layers/mid.qcow2' from the top, '../base.raw'
     from the middle.
@@ -198,7 +198,7 @@ def build_refcount_bits(directory: Path, refcount_bits: int) -> BuiltImage:
 
 
 def build_internal_snapshot(directory: Path) -> BuiltImage:
-    """Writes after each snapshot copy shared clusters, so layers of old data stay behind."""
+    """Take two snapshots with writes after each, which copy the clusters the snapshot shares."""
     image = create_qcow2(directory / "disk.qcow2", 4 * MiB)
     chunk = random_file(directory / "chunk.bin", 70001, seed=80)
     qemu_io(image, f"write -s {chunk} 0 {2 * MiB}")
@@ -227,7 +227,7 @@ def build_unknown_feature_bits(directory: Path) -> BuiltImage:
 
 
 def build_raw_odd_size(directory: Path) -> BuiltImage:
-    """A raw disk of 1000003 bytes; the file itself is the reference.
+    """Build a raw disk of 1000003 bytes, which is its own reference.
 
     QEMU rounds a raw file up to whole sectors, so its conversion is no oracle here.
     """
@@ -426,7 +426,8 @@ def partition_lines(dump: str, device: str) -> List[str]:
 @pytest.mark.parametrize("label", sorted(PARTITION_SCRIPTS))
 def test_partition_table_through_mount(label, tmp_path):
     disk = tmp_path / "disk.raw"
-    os.truncate(disk, 32 * MiB)
+    with open(disk, "wb") as stream:
+        stream.truncate(32 * MiB)
     subprocess.run(["sfdisk", "-q", str(disk)], input=PARTITION_SCRIPTS[label], text=True,
                    check=True, capture_output=True)
     files = tmp_path / "files"
