@@ -27,10 +27,8 @@ import trio
 from conftest import force_unmount, remove_runtime_log, wait_for_exit
 from helpers import mounted, needs_fuse, qemu_img, qemu_io, reference_raw, vdiskfs
 from vdiskfs import daemon
-from vdiskfs.driver import Driver
 from vdiskfs.errors import CorruptImageError, ReadOnlyError, UnsupportedFeatureError
-from vdiskfs.formats.raw import RawDriver
-from vdiskfs.fs import DiskOperations, ErrorLog, exported_name
+from vdiskfs.fs import DiskOperations, ErrorLog, errno_for, exported_name
 from vdiskfs.registry import open_chain
 
 IO_TIMEOUT = 30
@@ -232,10 +230,7 @@ def test_write_past_end_stops_at_end(raw_image, mountpoint):
     assert os.path.getsize(raw_image) == RAW_SIZE
 
 
-# TODO: drop the xfail once RawDriver implements resize(); the base Driver rejects it.
 @needs_fuse
-@pytest.mark.xfail(RawDriver.resize is Driver.resize, reason="RawDriver has no resize()",
-                   raises=OSError, strict=True)
 def test_truncate_grows_raw(raw_image, mountpoint):
     before = raw_image.read_bytes()
     new_size = RAW_SIZE + 1024 * 1024
@@ -511,52 +506,23 @@ def test_pid_file_rejects_second_owner(tmp_path):
 # Handlers in process
 
 
-class StandInDriver:
-    """The part of the Driver interface that DiskOperations uses, with failures on demand."""
-
-    format_name = "standin"
-
-    def __init__(self, filename: str, size: int, read_only: bool = False) -> None:
-        self.filename = filename
-        self.virtual_size = size
-        self.read_only = read_only
-        self.data = bytearray(size)
-        self.fail_with = None
-        self.flushes = 0
-        self.closed = False
-
-    def read(self, offset, length):
-        if self.fail_with is not None:
-            raise self.fail_with
-        return bytes(self.data[offset:offset + length])
-
-    def write(self, offset, data):
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.data[offset:offset + len(data)] = data
-
-    def resize(self, new_size):
-        self.data.extend(bytes(new_size - self.virtual_size))
-        self.virtual_size = new_size
-
-    def flush(self):
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.flushes += 1
-
-    def close(self):
-        self.closed = True
-
-    def allocated_size(self):
-        return 8192
-
-
 @pytest.fixture
-def standin(tmp_path):
-    image = tmp_path / "standin.img"
-    image.write_bytes(b"")
-    driver = StandInDriver(str(image), 1 << 20)
-    return driver, DiskOperations([("standin.raw", driver)])
+def real_disk(tmp_path):
+    """A qcow2 image opened read-write with the real driver, served by in-process handlers."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    driver = open_chain(str(image), read_only=False)
+    flushes = []
+    real_flush = driver.flush
+
+    def counting_flush():
+        flushes.append(1)
+        real_flush()
+
+    driver.flush = counting_flush
+    operations = DiskOperations([("disk.raw", driver)])
+    yield driver, operations, flushes
+    driver.close()
 
 
 INODE = pyfuse3.ROOT_INODE + 1
@@ -566,21 +532,32 @@ def call(handler, *args):
     return trio.run(handler, *args)
 
 
-def test_handler_corrupt_read_eio_logged(standin, caplog):
-    driver, operations = standin
-    driver.fail_with = CorruptImageError("L2 entry points past the end of the file")
-    with caplog.at_level(logging.ERROR, logger="vdiskfs.fs"):
-        with pytest.raises(pyfuse3.FUSEError) as raised:
-            call(operations.read, INODE, 65536, 4096)
-    assert raised.value.errno == errno.EIO
-    message = caplog.records[-1].getMessage()
-    assert driver.filename in message
-    assert "guest offset 65536" in message
-    assert "length 4096" in message
-    assert "L2 entry points past the end of the file" in message
+def test_handler_corrupt_read_eio_logged(tmp_path, caplog):
+    image = tmp_path / "damaged.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 128k", str(image)], check=True,
+                   capture_output=True)
+    l1_offset = int.from_bytes(image.read_bytes()[40:48], "big")
+    l2_offset = int.from_bytes(image.read_bytes()[l1_offset:l1_offset + 8], "big") & ((1 << 56) - 512)
+    with open(image, "r+b") as stream:
+        stream.seek(l2_offset + 8)  # the entry of guest cluster 1
+        stream.write((0x80000000_00000000 | 0x7FFF_FFFF_0000).to_bytes(8, "big"))
+    driver = open_chain(str(image), read_only=True)
+    operations = DiskOperations([("damaged.raw", driver)])
+    try:
+        with caplog.at_level(logging.ERROR, logger="vdiskfs.fs"):
+            with pytest.raises(pyfuse3.FUSEError) as raised:
+                call(operations.read, INODE, 65536, 4096)
+        assert raised.value.errno == errno.EIO
+        message = caplog.records[-1].getMessage()
+        assert str(image) in message
+        assert "guest offset 65536" in message
+        assert "length 4096" in message
+        assert "outside the image file" in message
 
-    driver.fail_with = None
-    assert call(operations.read, INODE, 0, 4) == bytes(4)
+        assert call(operations.read, INODE, 0, 4) == b"\x11" * 4
+    finally:
+        driver.close()
 
 
 @pytest.mark.parametrize("error, expected", [
@@ -591,45 +568,41 @@ def test_handler_corrupt_read_eio_logged(standin, caplog):
     (CorruptImageError("refcount block out of range"), errno.EIO),
     (ValueError("a bug"), errno.EIO),
 ])
-def test_handler_write_error_errno(standin, error, expected):
-    driver, operations = standin
-    driver.fail_with = error
-    with pytest.raises(pyfuse3.FUSEError) as raised:
-        call(operations.write, INODE, 0, b"data")
-    assert raised.value.errno == expected
+def test_errno_for_error(error, expected):
+    assert errno_for(error) == expected
 
 
-def test_handler_flush_only_after_write(standin):
-    driver, operations = standin
+def test_handler_flush_only_after_write(real_disk):
+    driver, operations, flushes = real_disk
     call(operations.flush, INODE)
-    assert driver.flushes == 0
+    assert len(flushes) == 0
     call(operations.write, INODE, 0, b"data")
     call(operations.flush, INODE)
     call(operations.flush, INODE)
-    assert driver.flushes == 1
+    assert len(flushes) == 1
     call(operations.fsync, INODE, False)
-    assert driver.flushes == 2
+    assert len(flushes) == 2
 
 
-def test_handler_close_closes_drivers(standin):
-    driver, operations = standin
+def test_handler_close_closes_drivers(real_disk):
+    driver, operations, _ = real_disk
     assert operations.close()
-    assert driver.closed
+    assert driver.fd == -1
 
 
-def test_handler_lookup_unknown_enoent(standin):
-    _, operations = standin
+def test_handler_lookup_unknown_enoent(real_disk):
+    _, operations, _ = real_disk
     with pytest.raises(pyfuse3.FUSEError) as raised:
         call(operations.lookup, pyfuse3.ROOT_INODE, b"other.raw", None)
     assert raised.value.errno == errno.ENOENT
 
 
-def test_handler_file_attributes(standin):
-    driver, operations = standin
-    attributes = call(operations.lookup, pyfuse3.ROOT_INODE, b"standin.raw", None)
+def test_handler_file_attributes(real_disk):
+    driver, operations, _ = real_disk
+    attributes = call(operations.lookup, pyfuse3.ROOT_INODE, b"disk.raw", None)
     assert attributes.st_ino == INODE
     assert attributes.st_size == driver.virtual_size
-    assert attributes.st_blocks == 8192 // 512
+    assert attributes.st_blocks == driver.allocated_size() // 512
     assert attributes.st_mode == stat.S_IFREG | 0o644
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterator
 
 from vdiskfs.driver import Driver, Run, RunKind
-from vdiskfs.errors import ReadOnlyError
+from vdiskfs.errors import ReadOnlyError, UnsupportedFeatureError
 from vdiskfs.hostfile import file_size, open_host_file
 
 
@@ -54,6 +55,19 @@ class RawDriver(Driver):
             done = os.pwrite(self.fd, view, offset)
             view = view[done:]
             offset += done
+
+    def resize(self, new_size: int) -> None:
+        """Grow a regular file; shrinking is rejected because it would discard guest data."""
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        if new_size < self.virtual_size:
+            raise UnsupportedFeatureError(
+                f"shrinking {self.filename} from {self.virtual_size} to {new_size} bytes is not "
+                f"supported, because it would discard guest data")
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            raise UnsupportedFeatureError(f"{self.filename} is not a regular file and cannot grow")
+        os.ftruncate(self.fd, new_size)
+        self.virtual_size = new_size
 
     def flush(self) -> None:
         if not self.read_only:

@@ -10,7 +10,6 @@ with refcount 0.
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from array import array
 from typing import List, Tuple

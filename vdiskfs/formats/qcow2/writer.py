@@ -115,7 +115,6 @@ class ClusterWriter:
 
         l2_offset, table, position = self.l2_table_for_write(cluster_index)
         entry = table[position]
-        bitmap = table[position + 1] if self.extended_l2 else 0
         host_cluster = entry & L2E_OFFSET_MASK
         compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
         owned = (not compressed and entry & QCOW_OFLAG_COPIED
