@@ -296,5 +296,14 @@ class BuiltImage:
         return {path: sha256_of_file(path) for path in self.files}
 
 
+def daemon_log_lines(mountpoint: Path, *levels: str) -> List[str]:
+    """Return the lines of the mount daemon's log file that have one of the logging `levels`."""
+    from vdiskfs.daemon import RuntimeFiles
+
+    log = RuntimeFiles.for_mountpoint(os.path.realpath(mountpoint)).log
+    return [line for line in log.read_text().splitlines()
+            if any(f" {level} " in line for level in levels)]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -33,6 +33,7 @@ from images import (
     compressed_clusters,
     convert_to_qcow2,
     create_qcow2,
+    daemon_log_lines,
     iter_l2_entries,
     l1_entry_location,
     l2_entry_location,
@@ -579,6 +580,9 @@ def test_mount_returns_eio_for_damaged_clusters(tmp_path):
             assert stream.read(16) == b"\x4d" * 16
 
     assert sha256_of_file(image) == digest
+    errors = daemon_log_lines(mountpoint, "ERROR")
+    assert any("0x50200" in line for line in errors), "the unaligned offset was not logged"
+    assert any("0xffffffffff0000" in line for line in errors), "the offset past EOF was not logged"
 
 
 @needs_fuse

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from images import (
     compressed_clusters,
     convert_to_qcow2,
     create_qcow2,
+    daemon_log_lines,
     iter_l2_entries,
     pattern_bytes,
     qemu_io_then_abort,
@@ -398,6 +400,26 @@ def test_mounted_file_matches_qemu(case, tmp_path):
                 assert got == expected, describe_difference(got, expected, offset)
 
     assert case.image.digests() == case.digests, "a read-only mount changed a file of the image"
+    assert daemon_log_lines(tmp_path / "mnt", "ERROR", "CRITICAL") == []
+
+
+@needs_fuse
+def test_read_write_mount_matches_qemu(case, tmp_path):
+    """Mount a copy read-write: reads still match, and qemu-img check finds no new errors."""
+    copy = tmp_path / "copy"
+    shutil.copytree(case.image.path.parent, copy)
+    image = copy / case.image.path.relative_to(case.image.path.parent)
+    check_options = ["-f", case.image.format_name or "qcow2"]
+    with working_directory(copy):
+        errors_before = qemu_img("check", *check_options, image, check=False).returncode
+
+    with mounted(image, tmp_path / "mnt", *case.image.mount_options()) as exposed:
+        assert exposed.stat().st_size == len(case.expected)
+        assert sha256_of_file(exposed) == sha256_bytes(case.expected)
+
+    with working_directory(copy):
+        errors_after = qemu_img("check", *check_options, image, check=False)
+    assert errors_after.returncode in (0, errors_before), errors_after.stdout + errors_after.stderr
 
 
 # ---------------------------------------------------------------- partition tables
