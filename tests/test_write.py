@@ -343,3 +343,32 @@ def test_raw_write_and_fsync(tmp_path):
     data = image.read_bytes()
     assert data[12345:17345] == b"\x33" * 5000
     assert data[:12345] == bytes(12345)
+
+
+@needs_fuse
+def test_dirty_image_repaired_on_writable_mount(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", image, "8M")
+    qemu_io(image, "write -P 0x11 0 1M")
+    qemu_img("snapshot", "-c", "before-crash", image)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 128k", "-c", "abort", str(image)],
+                   capture_output=True)
+    assert header_u64(image, 72) & 1 == 1
+    assert qemu_img("check", image, check=False).returncode == 2
+
+    with mounted(image, tmp_path / "mnt") as exposed:
+        fd = os.open(exposed, os.O_RDWR)
+        try:
+            pwrite_all(fd, b"\x77" * 70000, 5 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    check = qemu_img("check", image, check=False)
+    assert check.returncode == 0, check.stdout
+    assert "leaked" not in check.stdout
+    assert header_u64(image, 72) & 1 == 0
+    qemu_io(image, "read -P 0x5a 0 128k", "read -P 0x11 128k 896k", f"read -P 0x77 {5 * MiB} 70000")
+    snapshot = tmp_path / "snapshot.raw"
+    qemu_img("convert", "-l", "snapshot.name=before-crash", "-O", "raw", image, snapshot)
+    assert snapshot.read_bytes()[:MiB] == b"\x11" * MiB

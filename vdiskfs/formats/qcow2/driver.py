@@ -19,6 +19,7 @@ from vdiskfs.formats.qcow2.compression import decompress_cluster
 from vdiskfs.formats.qcow2.header import Qcow2Header, parse_header
 from vdiskfs.formats.qcow2.mapping import Mapper
 from vdiskfs.formats.qcow2.snapshot import read_snapshot_table
+from vdiskfs.formats.qcow2.rebuild import repair_dirty_image
 from vdiskfs.formats.qcow2.writable import WritableMixin
 from vdiskfs.hostfile import file_size, open_host_file, pread_exact
 
@@ -59,6 +60,8 @@ class Qcow2Driver(WritableMixin, Driver):
         self._decompressed_capacity = max(1, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
         if not self.read_only:
             self.enable_writes()
+            if self.header.incompatible_features & hdr.INCOMPAT_DIRTY:
+                repair_dirty_image(self)
 
     # -- opening --------------------------------------------------------------
 
@@ -71,7 +74,7 @@ class Qcow2Driver(WritableMixin, Driver):
 
     @classmethod
     def open(cls, filename: str, *, read_only: bool, cache_size: int) -> "Qcow2Driver":
-        fd = open_host_file(filename, read_only)
+        fd = open_host_file(filename, read_only=True)
         try:
             return cls(filename, fd, read_only, cache_size)
         except BaseException:
@@ -93,11 +96,25 @@ class Qcow2Driver(WritableMixin, Driver):
         if features & hdr.INCOMPAT_CORRUPT and not self.read_only:
             log.warning("%s: the image is marked corrupt; serving it read-only", self.filename)
             self.read_only = True
-        if features & hdr.INCOMPAT_DIRTY and not self.read_only:
-            log.warning("%s: the dirty bit is set, so refcounts may be stale; serving it "
-                        "read-only", self.filename)
-            # NOTE: writes to a dirty image need a refcount rebuild first.
-            self.read_only = True
+        if not self.read_only:
+            self._reopen_read_write()
+
+    def _reopen_read_write(self) -> None:
+        """Replace the read-only descriptor with a read-write one under the same number.
+
+        open() reads the header through a read-only descriptor, so that an image which turns
+        out to be dirty or corrupt is never open for writing and keeps its access time.
+        """
+        read_write_fd = open_host_file(self.filename, read_only=False)
+        try:
+            before, after = os.fstat(self.fd), os.fstat(read_write_fd)
+            if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+                raise InvalidImageError(f"{self.filename} was replaced while it was being opened")
+            os.dup2(read_write_fd, self.fd, inheritable=False)
+        finally:
+            os.close(read_write_fd)
+        self._file_size = file_size(self.fd)
+        self.data_file_fd = self.fd
 
     def _open_data_file(self) -> None:
         name = self.header.data_file

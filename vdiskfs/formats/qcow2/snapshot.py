@@ -34,6 +34,17 @@ class Snapshot:
     disk_size: int
     icount: int = -1
     extra_data: bytes = b""
+    id_bytes: bytes = b""
+    name_bytes: bytes = b""
+
+
+def snapshot_table_length(snapshots: list) -> int:
+    """Bytes the snapshot table occupies, each entry padded to a multiple of 8."""
+    total = 0
+    for snapshot in snapshots:
+        entry = _ENTRY_FIXED.size + len(snapshot.extra_data) + len(snapshot.id_bytes) + len(snapshot.name_bytes)
+        total += (entry + 7) & ~7
+    return total
 
 
 def read_snapshot_table(fd: int, header: Qcow2Header, file_size: int) -> list:
@@ -78,8 +89,11 @@ def read_snapshot_table(fd: int, header: Qcow2Header, file_size: int) -> list:
                 f"invalid snapshot table: snapshot '{name}' has an invalid L1 table offset "
                 f"{l1_table_offset:#x}")
 
-        snapshots.append(Snapshot(l1_table_offset, l1_size, id_str, name, date_sec, date_nsec,
-                                  vm_clock_nsec, vm_state_size, disk_size, icount, bytes(extra)))
+        snapshots.append(Snapshot(
+            l1_table_offset, l1_size, id_str, name, date_sec, date_nsec, vm_clock_nsec,
+            vm_state_size, disk_size, icount, bytes(extra),
+            bytes(variable[extra_data_size:extra_data_size + id_size]),
+            bytes(variable[extra_data_size + id_size:])))
         offset += (_ENTRY_FIXED.size + variable_size + 7) & ~7
         table_end = offset
         if table_end - header.snapshots_offset > MAX_SNAPSHOT_TABLE_BYTES:
