@@ -103,7 +103,7 @@ class Qcow2Driver(WritableMixin, Driver):
         """Replace the read-only descriptor with a read-write one under the same number.
 
         open() reads the header through a read-only descriptor, so that an image which turns
-        out to be dirty or corrupt is never open for writing and keeps its access time.
+        out to be marked corrupt is never open for writing and keeps its access time.
         """
         read_write_fd = open_host_file(self.filename, read_only=False)
         try:
