@@ -372,3 +372,30 @@ def test_dirty_image_repaired_on_writable_mount(tmp_path):
     snapshot = tmp_path / "snapshot.raw"
     qemu_img("convert", "-l", "snapshot.name=before-crash", "-O", "raw", image, snapshot)
     assert snapshot.read_bytes()[:MiB] == b"\x11" * MiB
+
+
+@needs_fuse
+def test_freed_clusters_reused_first(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+
+    with mounted(image, tmp_path / "mnt") as exposed:
+        fd = os.open(exposed, os.O_RDWR)
+        try:
+            pwrite_all(fd, b"\x11" * MiB, 0)
+            os.fsync(fd)
+            size_with_data = os.stat(image).st_size
+            # Whole zero clusters free their data clusters. The buffer is written to first:
+            # the kernel splits a write from untouched (never faulted in) pages into pieces.
+            pwrite_all(fd, b"\0" * MiB, 0)
+            os.fsync(fd)
+            pwrite_all(fd, b"\x22" * MiB, 32 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    assert os.stat(image).st_size == size_with_data
+    check = qemu_img("check", image, check=False)
+    assert check.returncode == 0, check.stdout
+    assert "leaked" not in check.stdout
+    qemu_io(image, "read -P 0 0 1M", f"read -P 0x22 {32 * MiB} 1M")
