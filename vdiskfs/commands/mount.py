@@ -11,6 +11,7 @@ from vdiskfs.daemon import FUSE_SUBTYPE, MountError, RuntimeFiles
 from vdiskfs.driver import Driver
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs import DiskOperations, exported_name
+from vdiskfs.overlay import open_overlay, open_temporary_overlay
 from vdiskfs.registry import DEFAULT_CACHE_SIZE, open_chain
 from vdiskfs.sizes import format_size, parse_size
 
@@ -26,6 +27,10 @@ background until `vdiskfs umount MOUNTPOINT`, SIGTERM or SIGINT.
 examples:
   vdiskfs mount disk.qcow2 /mnt/disk                 serve /mnt/disk/disk.raw
   vdiskfs mount --read-only disk.qcow2 /mnt/disk     serve it read-only
+  vdiskfs mount --overlay work.qcow2 disk.qcow2 /mnt/disk
+                                                     keep disk.qcow2; writes go to work.qcow2
+  vdiskfs mount --overlay-temporary disk.qcow2 /mnt/disk
+                                                     discard all writes at unmount
   vdiskfs mount -f --debug disk.qcow2 /mnt/disk      stay in the foreground; Ctrl-C unmounts
   vdiskfs mount --cache-size 256M disk.qcow2 /mnt/disk
   vdiskfs mount --allow-other -o noatime disk.qcow2 /mnt/disk
@@ -50,6 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--read-only", action="store_true",
                         help="open the image read-only and mount with the 'ro' option; "
                              "writes fail with EROFS")
+
+    overlay = parser.add_mutually_exclusive_group()
+    overlay.add_argument("--overlay", metavar="FILE",
+                         help="send writes to FILE, a qcow2 image over IMAGE, and open IMAGE "
+                              "and its backing chain read-only; FILE is created on first use "
+                              "and reused when its backing file is IMAGE")
+    overlay.add_argument("--overlay-temporary", action="store_true",
+                         help="like --overlay, with a new file in $TMPDIR (else /tmp) that is "
+                              "removed at unmount, so the writes are discarded")
+
     parser.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                         help="memory for cached image metadata, in bytes with an optional "
                              f"K, M or G suffix (default: {format_size(DEFAULT_CACHE_SIZE)})")
@@ -73,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
     read_only = args.read_only or "ro" in extra_options
 
-    driver = open_image(args.image, args.format_name, read_only, args.cache_size)
+    if read_only and (args.overlay or args.overlay_temporary):
+        raise MountError("--overlay and --overlay-temporary need a writable mount; to read an "
+                         "overlay without changing it, mount the overlay file with --read-only")
+
+    if args.overlay or args.overlay_temporary:
+        driver = open_with_overlay(args.image, args.format_name, args.overlay, args.cache_size)
+    else:
+        driver = open_image(args.image, args.format_name, read_only, args.cache_size)
     try:
         operations = DiskOperations([(exported_name(args.image), driver)])
     except BaseException:
@@ -121,6 +143,19 @@ def open_image(image: str, format_name, read_only: bool, cache_size: int) -> Dri
         raise MountError(f"cannot open {image}: {error.strerror or error}") from None
     except VdiskError as error:
         raise MountError(f"cannot open {image}: {error}") from None
+
+
+def open_with_overlay(image: str, format_name, overlay, cache_size: int) -> Driver:
+    """Open `image` read-only under an overlay; a temporary one when `overlay` is None."""
+    try:
+        if overlay is None:
+            return open_temporary_overlay(image, format_name, cache_size=cache_size)
+        return open_overlay(image, overlay, format_name, cache_size=cache_size)
+    except OSError as error:
+        raise MountError(f"cannot open {error.filename or image} for the overlay: "
+                         f"{error.strerror or error}") from None
+    except VdiskError as error:
+        raise MountError(f"cannot open {image} with an overlay: {error}") from None
 
 
 def split_options(values: list) -> list:
