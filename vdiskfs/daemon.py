@@ -46,6 +46,8 @@ from typing import Iterator, Optional, Set
 import pyfuse3
 import trio
 
+from vdiskfs.control import serve_control
+from vdiskfs.control import socket_path as control_socket_path
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs import DiskOperations
 
@@ -364,12 +366,13 @@ async def _terminate_on_signal(signals, state: _StopState, mountpoint: str) -> N
             log.info("received %s, already unmounting", signal.Signals(signum).name)
 
 
-async def _serve(state: _StopState, mountpoint: str) -> None:
+async def _serve(state: _StopState, mountpoint: str, operations: DiskOperations) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         _set_stop_signals_blocked(False)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signal, signals, state, mountpoint)
+                nursery.start_soon(serve_control, operations, control_socket_path(mountpoint))
                 await pyfuse3.main(min_tasks=1, max_tasks=FUSE_MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
@@ -393,7 +396,7 @@ def serve_until_unmounted(operations: DiskOperations, mountpoint: str,
     state = _StopState()
     status = 0
     try:
-        trio.run(_serve, state, mountpoint)
+        trio.run(_serve, state, mountpoint, operations)
     except Exception:
         log.exception("the FUSE loop on %s failed", mountpoint)
         status = 1

@@ -70,14 +70,20 @@ def resolve_backing_path(overlay_filename: str, backing_filename: str) -> str:
 
 
 def open_chain(filename: str, format_name: Optional[str] = None, *, read_only: bool = True,
-               cache_size: int = DEFAULT_CACHE_SIZE) -> Driver:
+               cache_size: int = DEFAULT_CACHE_SIZE, snapshot: Optional[str] = None) -> Driver:
     """Open `filename` and every backing file below it; return the top layer.
 
-    Backing files are always opened read-only. Raises BackingChainError when a backing
+    Backing files are always opened read-only. With `snapshot` (an ID or name), the top
+    layer serves that internal snapshot read-only. Raises BackingChainError when a backing
     file is missing, when the chain loops, or when it is deeper than MAX_CHAIN_DEPTH.
     """
     top = open_image(filename, format_name, read_only=read_only, cache_size=cache_size)
     try:
+        if snapshot is not None:
+            select = getattr(top, "select_snapshot", None)
+            if select is None:
+                raise UnsupportedFeatureError(f"{top.format_name} images have no internal snapshots")
+            select(snapshot)
         _open_backing_files(top, cache_size)
     except BaseException:
         top.close()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
 from vdiskfs.errors import VdiskError
 from vdiskfs.registry import open_chain
+from vdiskfs.commands.snapshot import render_snapshot_list
 from vdiskfs.sizes import format_size
 
 HELP = "show format, size, features, snapshots and backing chain of an image"
@@ -76,7 +76,7 @@ def render_text(info: dict) -> str:
     snapshots = info.get("snapshots", [])
     lines.append(f"snapshots: {len(snapshots)}")
     if snapshots:
-        lines.append(_render_snapshots(snapshots))
+        lines.append(render_snapshot_list(snapshots))
 
     specific = info.get("format-specific", {}).get("data")
     if specific:
@@ -88,17 +88,3 @@ def render_text(info: dict) -> str:
                 value = ", ".join(value) if value else "none"
             lines.append(f"    {key}: {value}")
     return "\n".join(lines)
-
-
-def _render_snapshots(snapshots: list) -> str:
-    rows = ["Snapshot list:",
-            f"{'ID':<8}{'TAG':<17}{'VM SIZE':>11}{'DATE':>21}{'VM CLOCK':>17}{'ICOUNT':>11}"]
-    for snapshot in snapshots:
-        date = datetime.datetime.fromtimestamp(snapshot["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
-        seconds = snapshot["vm-clock-sec"]
-        clock = (f"{seconds // 3600:04d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}."
-                 f"{snapshot['vm-clock-nsec'] // 1_000_000:03d}")
-        icount = "" if snapshot.get("icount", -1) < 0 else str(snapshot["icount"])
-        rows.append(f"{snapshot['id']:<8}{snapshot['name']:<17}"
-                    f"{format_size(snapshot['vm-state-size']):>11}{date:>21}{clock:>17}{icount:>11}")
-    return "\n".join(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Optional
 
 from vdiskfs import daemon
 from vdiskfs.daemon import FUSE_SUBTYPE, MountError, RuntimeFiles
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--read-only", action="store_true",
                         help="open the image read-only and mount with the 'ro' option; "
                              "writes fail with EROFS")
+    parser.add_argument("--snapshot", metavar="SNAPSHOT",
+                        help="serve the internal snapshot SNAPSHOT (an ID or name, as "
+                             "`vdiskfs snapshot -l` lists them) instead of the active disk; "
+                             "implies --read-only")
 
     overlay = parser.add_mutually_exclusive_group()
     overlay.add_argument("--overlay", metavar="FILE",
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     mountpoint = check_mountpoint(args.mountpoint)
     extra_options = split_options(args.fuse_options)
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
-    read_only = args.read_only or "ro" in extra_options
+    read_only = args.read_only or "ro" in extra_options or args.snapshot is not None
 
     if read_only and (args.overlay or args.overlay_temporary):
         raise MountError("--overlay and --overlay-temporary need a writable mount; to read an "
@@ -95,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay or args.overlay_temporary:
         driver = open_with_overlay(args.image, args.format_name, args.overlay, args.cache_size)
     else:
-        driver = open_image(args.image, args.format_name, read_only, args.cache_size)
+        driver = open_image(args.image, args.format_name, read_only, args.cache_size,
+                            snapshot=args.snapshot)
     try:
         operations = DiskOperations([(exported_name(args.image), driver)])
     except BaseException:
@@ -133,12 +139,13 @@ def check_mountpoint(mountpoint: str) -> str:
     return real_path
 
 
-def open_image(image: str, format_name, read_only: bool, cache_size: int) -> Driver:
+def open_image(image: str, format_name, read_only: bool, cache_size: int,
+               snapshot: Optional[str] = None) -> Driver:
     """Open `image` and its backing chain; raise MountError that names the image on failure."""
     try:
         # An absolute name keeps working after the daemon changes to the root directory.
         return open_chain(os.path.abspath(image), format_name, read_only=read_only,
-                          cache_size=cache_size)
+                          cache_size=cache_size, snapshot=snapshot)
     except OSError as error:
         raise MountError(f"cannot open {image}: {error.strerror or error}") from None
     except VdiskError as error:

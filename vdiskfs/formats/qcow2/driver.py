@@ -18,7 +18,8 @@ from vdiskfs.formats.qcow2.cache import TableCache, decode_table
 from vdiskfs.formats.qcow2.compression import decompress_cluster
 from vdiskfs.formats.qcow2.header import Qcow2Header, parse_header
 from vdiskfs.formats.qcow2.mapping import Mapper
-from vdiskfs.formats.qcow2.snapshot import read_snapshot_table
+from vdiskfs.formats.qcow2.snapshot import read_snapshot_table, snapshot_fields
+from vdiskfs.formats.qcow2.snapshot_ops import SnapshotError, find_snapshot, read_snapshot_l1
 from vdiskfs.formats.qcow2.rebuild import repair_dirty_image
 from vdiskfs.formats.qcow2.writable import WritableMixin
 from vdiskfs.hostfile import file_size, open_host_file, pread_exact
@@ -173,6 +174,20 @@ class Qcow2Driver(WritableMixin, Driver):
             self._decompressed.popitem(last=False)
         return cluster
 
+    def select_snapshot(self, name_or_id: str) -> None:
+        """Serve an internal snapshot's content, read-only, in place of the active layer."""
+        index = find_snapshot(self, name_or_id)
+        if index is None:
+            names = ", ".join(f"{snapshot.id_str} ({snapshot.name})" for snapshot in self.snapshots)
+            raise SnapshotError(f"snapshot '{name_or_id}' not found (snapshots: {names or 'none'})")
+        if not self.read_only:
+            raise SnapshotError("a snapshot can only be opened read-only")
+        snapshot = self.snapshots[index]
+        self.l1_table = read_snapshot_l1(self, snapshot)
+        self.mapper = Mapper(self, self.l1_table)
+        self.virtual_size = snapshot.disk_size
+        self.snapshot = snapshot
+
     # -- lifecycle ------------------------------------------------------------
 
     def close(self) -> None:
@@ -215,19 +230,7 @@ class Qcow2Driver(WritableMixin, Driver):
         info["format-specific"] = {"type": "qcow2", "data": specific}
 
         if self.snapshots:
-            info["snapshots"] = [
-                {
-                    "id": snapshot.id_str,
-                    "name": snapshot.name,
-                    "vm-state-size": snapshot.vm_state_size,
-                    "date-sec": snapshot.date_sec,
-                    "date-nsec": snapshot.date_nsec,
-                    "vm-clock-sec": snapshot.vm_clock_nsec // 1_000_000_000,
-                    "vm-clock-nsec": snapshot.vm_clock_nsec % 1_000_000_000,
-                    "icount": snapshot.icount,
-                }
-                for snapshot in self.snapshots
-            ]
+            info["snapshots"] = [snapshot_fields(snapshot) for snapshot in self.snapshots]
         return info
 
     def _feature_list(self, kind: int, bits: int) -> list:

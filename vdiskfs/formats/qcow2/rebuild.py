@@ -90,11 +90,12 @@ def rebuild_refcounts(driver) -> int:
         if not pass_changes:
             break
     refcounts.free_hint = 0
-    _fix_copied_flags(driver)
+    fix_copied_flags(driver)
     return changed
 
 
-def _fix_copied_flags(driver) -> None:
+def fix_copied_flags(driver) -> None:
+    """Set QCOW_OFLAG_COPIED in the active L1 and L2 tables exactly where the refcount is 1."""
     refcounts = driver.refcounts
     bits = driver.header.cluster_bits
     writer = driver.writer

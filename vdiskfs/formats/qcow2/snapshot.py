@@ -100,3 +100,17 @@ def read_snapshot_table(fd: int, header: Qcow2Header, file_size: int) -> list:
             raise InvalidImageError(
                 f"invalid snapshot table: larger than {MAX_SNAPSHOT_TABLE_BYTES} bytes")
     return snapshots
+
+
+def snapshot_fields(snapshot) -> dict:
+    """Describe one snapshot with the keys of `qemu-img info --output=json`."""
+    return {
+        "id": snapshot.id_str,
+        "name": snapshot.name,
+        "vm-state-size": snapshot.vm_state_size,
+        "date-sec": snapshot.date_sec,
+        "date-nsec": snapshot.date_nsec,
+        "vm-clock-sec": snapshot.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": snapshot.vm_clock_nsec % 1_000_000_000,
+        "icount": snapshot.icount,
+    }

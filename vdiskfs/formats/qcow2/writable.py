@@ -79,6 +79,22 @@ class WritableMixin:
 
     # -- guest requests ---------------------------------------------------------
 
+    def require_writable(self) -> None:
+        """Raise ReadOnlyError unless the image is open read-write; prepare it for writes."""
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        if not self.prepared:
+            self._prepare_for_writes()
+
+    def has_external_data_file(self) -> bool:
+        return self.data_file_fd != self.fd
+
+    def set_virtual_size(self, new_size: int) -> None:
+        """Change the size field in the header only; the L1 table must already cover it."""
+        self.write_header_field(HEADER_SIZE_OFFSET, ">Q", new_size)
+        self.header.size = new_size
+        self.virtual_size = new_size
+
     def _check_writable(self, offset: int, length: int) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
@@ -158,22 +174,26 @@ class WritableMixin:
 
     # -- growth -----------------------------------------------------------------
 
-    def resize(self, new_size: int) -> None:
-        """Grow the virtual size; the L1 table moves to a larger area when it must grow."""
+    def resize(self, new_size: int, min_l1_entries: int = 0) -> None:
+        """Grow the virtual size; the L1 table moves to a larger area when it must grow.
+
+        `min_l1_entries` asks for an L1 table of at least that many entries, which applying
+        a snapshot whose L1 table also maps VM state needs.
+        """
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
         if new_size < self.virtual_size:
             raise UnsupportedFeatureError(
                 f"shrinking {self.filename} from {self.virtual_size} to {new_size} bytes is not "
                 f"supported, because it would discard guest data")
-        if new_size == self.virtual_size:
+        if new_size == self.virtual_size and min_l1_entries <= len(self.l1_table):
             return
         if not self.prepared:
             self._prepare_for_writes()
 
         mapper = self.mapper
         bytes_per_l1_entry = self.cluster_size * mapper.l2_entries
-        needed = -(-new_size // bytes_per_l1_entry)
+        needed = max(-(-new_size // bytes_per_l1_entry), min_l1_entries)
         header = self.header
         if needed * 8 > hdr.MAX_L1_SIZE_BYTES:
             raise UnsupportedFeatureError(
