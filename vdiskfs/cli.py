@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from vdiskfs import __version__
 from vdiskfs.errors import VdiskError
 
-COMMANDS = ("mount", "umount", "info", "create", "commit", "snapshot")
+COMMANDS = ("mount", "umount", "info", "create", "commit", "snapshot", "map")
 
 EPILOG = """\
 examples:

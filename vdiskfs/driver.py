@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from vdiskfs.errors import ReadOnlyError
+from vdiskfs.locking import ImageLock
 
 
 class RunKind(enum.Enum):
@@ -34,7 +35,9 @@ class Run:
 
     For DATA, host_offset is the byte offset of guest_offset in the data file. For
     COMPRESSED, host_offset and compressed_length locate the compressed cluster, and
-    cluster_offset is the guest offset at which that cluster starts.
+    cluster_offset is the guest offset at which that cluster starts. A ZERO or UNALLOCATED
+    run of a qcow2 cluster that keeps its host cluster has host_allocated set, and
+    host_offset is then where guest_offset lies in that cluster.
     """
 
     guest_offset: int
@@ -43,6 +46,7 @@ class Run:
     host_offset: int = 0
     compressed_length: int = 0
     cluster_offset: int = 0
+    host_allocated: bool = False
 
     @property
     def end(self) -> int:
@@ -65,6 +69,8 @@ class Driver(abc.ABC):
     backing: Optional["Driver"] = None
     backing_filename: Optional[str] = None
     backing_format: Optional[str] = None
+    # QEMU-compatible locks on the image file, set by registry.open_image().
+    image_lock: Optional[ImageLock] = None
 
     @classmethod
     @abc.abstractmethod
@@ -137,10 +143,17 @@ class Driver(abc.ABC):
         """Make every completed write durable, in this layer and its data file."""
 
     def close(self) -> None:
-        """Flush and release this layer and every backing layer below it."""
+        """Flush and release this layer and every backing layer below it.
+
+        Subclasses close their files first and then call this, so the image lock is
+        released only after the last write.
+        """
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+        if self.image_lock is not None:
+            self.image_lock.release()
+            self.image_lock = None
 
     def allocated_size(self) -> int:
         """Bytes the image file occupies on disk (st_blocks * 512)."""

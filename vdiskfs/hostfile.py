@@ -37,3 +37,39 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     if len(data) < length:
         data += bytes(length - len(data))
     return data
+
+
+def data_extents(fd: int, offset: int, length: int):
+    """Yield (start, length, is_data) pieces of [offset, offset + length) of a file.
+
+    Holes are found with lseek(SEEK_DATA/SEEK_HOLE), which Linux and FreeBSD provide. Where
+    the platform or the file system cannot tell, the whole range is reported as data.
+    """
+    end = offset + length
+    seek_data = getattr(os, "SEEK_DATA", None)
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        yield offset, length, True
+        return
+
+    position = offset
+    while position < end:
+        try:
+            data_start = os.lseek(fd, position, seek_data)
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                # No data after `position`: the rest of the file is a hole.
+                yield position, end - position, False
+                return
+            if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield position, end - position, True
+                return
+            raise
+        if data_start > position:
+            hole_end = min(data_start, end)
+            yield position, hole_end - position, False
+            position = hole_end
+            continue
+        data_end = min(os.lseek(fd, position, seek_hole), end)
+        yield position, data_end - position, True
+        position = data_end

@@ -77,7 +77,7 @@ class Mapper:
             for run in self.cluster_runs(cluster_index, in_cluster, chunk):
                 if pending is not None and _can_merge(pending, run):
                     pending = Run(pending.guest_offset, pending.length + run.length, pending.kind,
-                                  pending.host_offset)
+                                  pending.host_offset, host_allocated=pending.host_allocated)
                     continue
                 if pending is not None:
                     yield pending
@@ -106,7 +106,11 @@ class Mapper:
             return
 
         if self.zero_flag_valid and entry & QCOW_OFLAG_ZERO:
-            yield Run(guest_offset, length, RunKind.ZERO)
+            if host_cluster:
+                yield Run(guest_offset, length, RunKind.ZERO,
+                          host_offset=host_cluster + in_cluster, host_allocated=True)
+            else:
+                yield Run(guest_offset, length, RunKind.ZERO)
         elif host_cluster == 0 and not (self.has_data_file and entry & QCOW_OFLAG_COPIED):
             yield Run(guest_offset, length, RunKind.UNALLOCATED)
         else:
@@ -139,9 +143,13 @@ class Mapper:
                 yield Run(guest_offset, run_end - position, RunKind.DATA,
                           host_offset=host_cluster + position)
             elif zero_bits >> index & 1:
-                yield Run(guest_offset, run_end - position, RunKind.ZERO)
+                yield Run(guest_offset, run_end - position, RunKind.ZERO,
+                          host_offset=host_cluster + position if host_cluster else 0,
+                          host_allocated=host_cluster != 0)
             else:
-                yield Run(guest_offset, run_end - position, RunKind.UNALLOCATED)
+                yield Run(guest_offset, run_end - position, RunKind.UNALLOCATED,
+                          host_offset=host_cluster + position if host_cluster else 0,
+                          host_allocated=host_cluster != 0)
             position = run_end
 
     def compressed_run(self, entry: int, guest_cluster: int, guest_offset: int, length: int) -> Run:
@@ -176,6 +184,8 @@ class Mapper:
 def _can_merge(pending: Run, run: Run) -> bool:
     if pending.kind is not run.kind or pending.end != run.guest_offset:
         return False
-    if run.kind is RunKind.DATA:
+    if pending.host_allocated != run.host_allocated:
+        return False
+    if run.kind is RunKind.DATA or run.host_allocated:
         return pending.host_offset + pending.length == run.host_offset
     return run.kind is not RunKind.COMPRESSED
