@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from vdiskfs import __version__
 from vdiskfs.errors import VdiskError
 
-COMMANDS = ("mount", "umount", "info", "create", "commit", "snapshot", "map")
+COMMANDS = ("mount", "umount", "info", "create", "check", "commit", "snapshot", "map")
 
 EPILOG = """\
 examples:
@@ -28,6 +28,7 @@ examples:
   vdiskfs umount /mnt/disk                flush, unmount and wait for the daemon
   vdiskfs info disk.qcow2                 show format, size, features and backing chain
   vdiskfs create -f qcow2 disk.qcow2 10G  make a new, empty image
+  vdiskfs check disk.qcow2                find corruptions and leaked clusters
   vdiskfs commit work.qcow2               write an overlay's data into its backing image
 """
 
