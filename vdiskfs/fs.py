@@ -289,13 +289,22 @@ class DiskOperations(pyfuse3.Operations):
         pass
 
     async def statfs(self, ctx):
+        # df on the mount shows the space left for the image to grow into: that of the file
+        # system which contains the first exported image (its top layer, with an overlay).
+        # NOTE: images on other file systems in the same mount are not counted.
         statistics = pyfuse3.StatvfsData()
-        statistics.f_bsize = BLOCK_SIZE
-        statistics.f_frsize = 512
-        total = sum(exported.driver.virtual_size for exported in self.files)
-        statistics.f_blocks = (total + 511) // 512
-        statistics.f_bfree = 0
-        statistics.f_bavail = 0
+        try:
+            host = os.statvfs(os.path.dirname(self.files[0].filename) or ".")
+        except OSError as error:
+            self._errors.log(("statfs", type(error).__name__), logging.WARNING,
+                             "statvfs of the directory of %s failed: %s",
+                             self.files[0].filename, error)
+            raise pyfuse3.FUSEError(errno_for(error)) from None
+        statistics.f_bsize = host.f_bsize
+        statistics.f_frsize = host.f_frsize
+        statistics.f_blocks = host.f_blocks
+        statistics.f_bfree = host.f_bfree
+        statistics.f_bavail = host.f_bavail
         statistics.f_files = len(self.files) + 1
         statistics.f_ffree = 0
         statistics.f_favail = 0
