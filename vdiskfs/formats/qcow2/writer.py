@@ -35,6 +35,7 @@ class ClusterWriter:
         self.data_file_raw = driver.data_file_raw
         self.zero_clusters = driver.header.version >= 3 and not self.data_file_raw
         self.zero_cluster_bytes = bytes(self.cluster_size)
+        self.zero_view = memoryview(self.zero_cluster_bytes)
 
     # -- L2 tables ------------------------------------------------------------
 
@@ -112,6 +113,8 @@ class ClusterWriter:
         if whole and self.zero_clusters and chunk == self.zero_cluster_bytes:
             self.zero_cluster(cluster_index)
             return
+        if self._zeros_already(cluster_index, chunk):
+            return
 
         l2_offset, table, position = self.l2_table_for_write(cluster_index)
         entry = table[position]
@@ -145,6 +148,19 @@ class ClusterWriter:
         if new_host != host_cluster or compressed:
             # The old cluster was shared, compressed or a preallocated zero cluster.
             self.release_entry(entry)
+
+    def _zeros_already(self, cluster_index: int, chunk: memoryview) -> bool:
+        """Tell whether `chunk` is zeros written to a cluster that already reads as zeros.
+
+        Only an unallocated cluster without a backing file qualifies, so mkfs writing zeroed
+        tables into an empty image allocates nothing.
+        """
+        if self.driver.backing is not None or self.data_file_raw:
+            return False
+        entry, bitmap = self.mapper.l2_entry(cluster_index)
+        if entry or bitmap:
+            return False
+        return chunk == self.zero_view[:len(chunk)]
 
     def allocate_data_cluster(self, guest_cluster: int) -> int:
         if self.has_data_file:
