@@ -143,9 +143,20 @@ class Qcow2Driver(WritableMixin, Driver):
     # -- reading --------------------------------------------------------------
 
     def map_range(self, offset: int, length: int) -> Iterator[Run]:
-        return self.mapper.map_range(offset, length)
+        try:
+            yield from self.mapper.map_range(offset, length)
+        except CorruptImageError as error:
+            self.corruption_found(error)
+            raise
 
     def read_data(self, run: Run, view: memoryview) -> None:
+        try:
+            self._read_run(run, view)
+        except CorruptImageError as error:
+            self.corruption_found(error)
+            raise
+
+    def _read_run(self, run: Run, view: memoryview) -> None:
         if run.kind is RunKind.DATA:
             done = os.preadv(self.data_file_fd, [view], run.host_offset)
             if done < len(view):

@@ -7,6 +7,10 @@ crash at any point:
 3. L2 tables, then the L1 table, with a sync between them;
 4. the queued refcount decrements, which are safe only once no table on disk uses the
    clusters any more.
+
+Damage met while serving (a CorruptImageError from this layer's own metadata) marks the
+image corrupt, as QEMU does: corruption_found() flushes what is cached, sets the corrupt
+bit and switches the driver to read-only, so no write can build on damaged tables.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import os
 import struct
 from array import array
 
-from vdiskfs.errors import ReadOnlyError, UnsupportedFeatureError
+from vdiskfs.errors import CorruptImageError, ReadOnlyError, UnsupportedFeatureError, VdiskError
 from vdiskfs.formats.qcow2 import header as hdr
 from vdiskfs.formats.qcow2.cache import encode_table
-from vdiskfs.formats.qcow2.refcount import Refcounts
+from vdiskfs.formats.qcow2.mapping import L1E_OFFSET_MASK
+from vdiskfs.formats.qcow2.refcount import REFTABLE_OFFSET_MASK, Refcounts
+from vdiskfs.formats.qcow2.snapshot import snapshot_table_length
 from vdiskfs.formats.qcow2.writer import ClusterWriter
 
 log = logging.getLogger(__name__)
@@ -40,12 +46,15 @@ class WritableMixin:
         self.prepared = False
         self.set_dirty_bit = False
         self.l2_cache.before_dirty_eviction = self.flush
+        self.metadata_clusters = None
 
     # -- host file I/O ----------------------------------------------------------
 
     def write_host(self, offset: int, data) -> None:
         """Write to the data file (the image file unless an external data file is used)."""
         view = memoryview(data)
+        if self.data_file_fd == self.fd:
+            self._check_not_metadata(offset, len(view))
         while view:
             done = os.pwrite(self.data_file_fd, view, offset)
             view = view[done:]
@@ -105,11 +114,87 @@ class WritableMixin:
 
     def write(self, offset: int, data) -> None:
         self._check_writable(offset, len(data))
-        self.writer.write(offset, memoryview(data))
+        try:
+            self.writer.write(offset, memoryview(data))
+        except CorruptImageError as error:
+            self.corruption_found(error)
+            raise
 
     def discard(self, offset: int, length: int) -> None:
         self._check_writable(offset, length)
-        self.writer.discard(offset, length)
+        try:
+            self.writer.discard(offset, length)
+        except CorruptImageError as error:
+            self.corruption_found(error)
+            raise
+
+    # -- damage -----------------------------------------------------------------
+
+    def _check_not_metadata(self, offset: int, length: int) -> None:
+        """Raise CorruptImageError when a data write would land on a metadata cluster.
+
+        The set of metadata clusters is built at the first data write and loses clusters
+        as they are freed. Tables allocated later are not added: new clusters come from
+        free space, so only damaged refcounts could put data on them.
+        """
+        if self.metadata_clusters is None:
+            self.metadata_clusters = self._find_metadata_clusters()
+        bits = self.header.cluster_bits
+        for index in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            if index in self.metadata_clusters:
+                raise CorruptImageError(
+                    f"data write at host offset {offset:#x} would overwrite metadata in host "
+                    f"cluster {index << bits:#x}")
+
+    def _find_metadata_clusters(self) -> set:
+        bits = self.header.cluster_bits
+        clusters = {0}
+
+        def add(offset: int, length: int) -> None:
+            if length > 0:
+                clusters.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
+
+        add(self.header.l1_table_offset, len(self.l1_table) * 8)
+        refcounts = self.refcounts
+        add(refcounts.table_offset, refcounts.table_clusters * self.cluster_size)
+        for entry in refcounts.table:
+            add(entry & REFTABLE_OFFSET_MASK, 1)
+        for entry in self.l1_table:
+            add(entry & L1E_OFFSET_MASK, 1)
+        if self.snapshots:
+            add(self.header.snapshots_offset, snapshot_table_length(self.snapshots))
+        for snapshot in self.snapshots:
+            add(snapshot.l1_table_offset, snapshot.l1_size * 8)
+        return clusters
+
+    def corruption_found(self, error: CorruptImageError) -> None:
+        """Mark the image corrupt and serve it read-only from now on, when `error` is ours.
+
+        An error that a backing layer raised carries that layer in `error.source` and
+        changes nothing here. On a read-only image this only records the source.
+        """
+        source = getattr(error, "source", None)
+        if source is None:
+            error.source = source = self
+        if source is not self or self.read_only or self.fd < 0:
+            return
+
+        log.error("%s: damaged metadata found: %s; marking the image corrupt and serving it "
+                  "read-only (run vdiskfs check)", self.filename, error)
+        try:
+            self.flush()
+        except (VdiskError, OSError) as flush_error:
+            log.error("%s: flush before marking the image corrupt failed: %s",
+                      self.filename, flush_error)
+        self.read_only = True
+        if self.header.version >= 3:
+            self.header.incompatible_features |= hdr.INCOMPAT_CORRUPT
+            try:
+                self.write_header_field(HEADER_INCOMPATIBLE_OFFSET, ">Q",
+                                        self.header.incompatible_features)
+            except OSError as write_error:
+                log.error("%s: setting the corrupt bit failed: %s", self.filename, write_error)
+        # NOTE: version 2 images have no corrupt bit, so only this process stops writing.
 
     def _prepare_for_writes(self) -> None:
         """Clear autoclear bits vdiskfs does not maintain and, with lazy refcounts, set the dirty bit."""
@@ -162,6 +247,8 @@ class WritableMixin:
 
     def cluster_freed(self, offset: int) -> None:
         """Forget cached copies of a cluster whose refcount dropped to 0."""
+        if self.metadata_clusters is not None:
+            self.metadata_clusters.discard(offset >> self.header.cluster_bits)
         self.l2_cache.forget(offset)
         self._decompressed.clear()
 

@@ -122,6 +122,9 @@ class ClusterWriter:
         compressed = bool(entry & QCOW_OFLAG_COMPRESSED)
         owned = (not compressed and entry & QCOW_OFLAG_COPIED
                  and (host_cluster or self.has_data_file))
+        if owned:
+            # A damaged entry must not send the write past the end of the file.
+            self.mapper.check_data_cluster(host_cluster, cluster_index << self.cluster_bits)
         if self.extended_l2 and not compressed:
             self._write_subclusters(cluster_index, in_cluster, chunk, l2_offset, table,
                                     position, owned)
