@@ -291,6 +291,25 @@ def _validate_tables(header: Qcow2Header, file_size: int) -> None:
         # Each snapshot table entry takes at least 40 bytes.
         _check_table("snapshot table", header.snapshots_offset, header.nb_snapshots * 40,
                      header, file_size)
+    _check_overlaps(header, [
+        ("L1 table", header.l1_table_offset, l1_bytes),
+        ("refcount table", header.refcount_table_offset, refcount_bytes),
+        ("snapshot table", header.snapshots_offset, header.nb_snapshots * 40),
+    ])
+
+
+def _check_overlaps(header: Qcow2Header, tables: List[Tuple[str, int, int]]) -> None:
+    """Reject tables that share a cluster; QEMU gives each table clusters of its own."""
+    used = [(name, offset, length) for name, offset, length in tables if length]
+    bits = header.cluster_bits
+    for position, (name, offset, length) in enumerate(used):
+        for other_name, other_offset, other_length in used[position + 1:]:
+            first, last = offset >> bits, (offset + length - 1) >> bits
+            other_first, other_last = other_offset >> bits, (other_offset + other_length - 1) >> bits
+            if first <= other_last and other_first <= last:
+                raise InvalidImageError(
+                    f"invalid qcow2 header: the {name} at {offset:#x} ({length} bytes) overlaps "
+                    f"the {other_name} at {other_offset:#x} ({other_length} bytes)")
 
 
 def _parse_extensions(header: Qcow2Header, cluster: bytes, start: int, end: int) -> None:
