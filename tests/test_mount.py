@@ -360,10 +360,10 @@ def test_mount_missing_mountpoint(raw_image, tmp_path):
 
 @needs_fuse
 def test_mount_mountpoint_not_directory(raw_image, tmp_path):
-    regular = tmp_path / "file"
-    regular.write_bytes(b"")
-    result = vdiskfs("mount", raw_image, regular, check=False)
-    assert_user_error(result, f"vdiskfs: cannot mount on {regular}: not a directory")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = vdiskfs("mount", raw_image, fifo, check=False)
+    assert_user_error(result, f"vdiskfs: cannot mount on {fifo}: not a directory or regular file")
 
 
 @needs_fuse

@@ -142,10 +142,11 @@ class DiskOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, exports: Sequence[Tuple[str, Driver]], *, uid: Optional[int] = None,
-                 gid: Optional[int] = None) -> None:
+                 gid: Optional[int] = None, root_is_file: bool = False) -> None:
         """Export each (name, driver) pair as a raw file owned by uid:gid.
 
-        uid and gid default to those of this process, the mounting user.
+        uid and gid default to those of this process, the mounting user. With root_is_file,
+        the only exported disk is the root inode itself, for a mount on a regular file.
         """
         super().__init__()
         self.uid = os.getuid() if uid is None else uid
@@ -158,7 +159,10 @@ class DiskOperations(pyfuse3.Operations):
         # Checked once: the read/write path logs nothing unless debug logging is on.
         self._trace = log.isEnabledFor(logging.DEBUG)
 
-        for inode, (name, driver) in enumerate(exports, start=pyfuse3.ROOT_INODE + 1):
+        if root_is_file and len(exports) != 1:
+            raise ValueError(f"a mount on a file exports one disk, not {len(exports)}")
+        first_inode = pyfuse3.ROOT_INODE if root_is_file else pyfuse3.ROOT_INODE + 1
+        for inode, (name, driver) in enumerate(exports, start=first_inode):
             if name.encode() in self._by_name:
                 raise ValueError(f"two exported files are named {name}")
             image_stat = os.stat(driver.filename)
@@ -168,6 +172,8 @@ class DiskOperations(pyfuse3.Operations):
             self.files.append(exported)
             self._by_inode[inode] = exported
             self._by_name[name.encode()] = exported
+        # The exported file that is the root inode, or None when the root is a directory.
+        self.root_file: Optional[ExportedFile] = self.files[0] if root_is_file else None
 
     def close(self) -> bool:
         """Close (and so flush) every driver; return False when any of them failed."""
@@ -246,7 +252,7 @@ class DiskOperations(pyfuse3.Operations):
             return 0
 
     def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
-        if inode == pyfuse3.ROOT_INODE:
+        if inode == pyfuse3.ROOT_INODE and self.root_file is None:
             return self._root_attributes()
         return self._file_attributes(self._exported(inode))
 
@@ -259,7 +265,7 @@ class DiskOperations(pyfuse3.Operations):
     # Directory handlers
 
     async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode != pyfuse3.ROOT_INODE:
+        if parent_inode != pyfuse3.ROOT_INODE or self.root_file is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
             return self._root_attributes()
@@ -272,7 +278,7 @@ class DiskOperations(pyfuse3.Operations):
         return self._attributes(inode)
 
     async def opendir(self, inode, ctx):
-        if inode != pyfuse3.ROOT_INODE:
+        if inode != pyfuse3.ROOT_INODE or self.root_file is not None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
@@ -334,7 +340,7 @@ class DiskOperations(pyfuse3.Operations):
     # File handlers. The file handle of an open exported file is its inode.
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if inode == pyfuse3.ROOT_INODE:
+        if inode == pyfuse3.ROOT_INODE and self.root_file is None:
             if fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
                 raise pyfuse3.FUSEError(errno.EPERM)
             return self._root_attributes()

@@ -22,12 +22,16 @@ HELP = "expose an image as a raw file in MOUNTPOINT, served by a FUSE daemon"
 
 EPILOG = """\
 The image appears as MOUNTPOINT/NAME.raw, NAME being the image's file name without its last
-extension. The command returns once the mount is live; the daemon keeps running in the
-background until `vdiskfs umount MOUNTPOINT`, SIGTERM or SIGINT.
+extension; several images each appear that way, and two images with the same NAME are an
+error. When MOUNTPOINT is a regular file, the one disk appears at that path instead, and the
+file comes back at unmount. The command returns once the mount is live; the daemon keeps
+running in the background until `vdiskfs umount MOUNTPOINT`, SIGTERM or SIGINT.
 
 examples:
   vdiskfs mount disk.qcow2 /mnt/disk                 serve /mnt/disk/disk.raw
   vdiskfs mount --read-only disk.qcow2 /mnt/disk     serve it read-only
+  vdiskfs mount a.qcow2 b.img /mnt/disks             serve /mnt/disks/a.raw and b.raw
+  vdiskfs mount disk.qcow2 /vm/disk.img              show the disk at /vm/disk.img
   vdiskfs mount --overlay work.qcow2 disk.qcow2 /mnt/disk
                                                      keep disk.qcow2; writes go to work.qcow2
   vdiskfs mount --overlay-temporary disk.qcow2 /mnt/disk
@@ -48,9 +52,12 @@ def _size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", help="image file to expose")
+    parser.add_argument("images", metavar="IMAGE", nargs="+",
+                        help="image file to expose; several images each get their own raw file")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT",
-                        help="existing directory in which the raw file appears")
+                        help="existing directory in which the raw files appear, or, with one "
+                             "image, an existing regular file that shows the disk in its place "
+                             "until unmount")
     parser.add_argument("--format", dest="format_name", metavar="FMT",
                         help="image format (qcow2 or raw); probed when omitted")
     parser.add_argument("-r", "--read-only", action="store_true",
@@ -88,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.image = args.images[0]
     mountpoint = check_mountpoint(args.mountpoint)
+    on_file = os.path.isfile(mountpoint)
+    names = exported_names(args.images)
+    check_several_images(args, on_file)
     extra_options = split_options(args.fuse_options)
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
     read_only = args.read_only or "ro" in extra_options or args.snapshot is not None
@@ -102,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         driver = open_image(args.image, args.format_name, read_only, args.cache_size,
                             snapshot=args.snapshot)
+    drivers = [driver]
     try:
-        operations = DiskOperations([(exported_name(args.image), driver)])
+        for image in args.images[1:]:
+            drivers.append(open_image(image, args.format_name, read_only, args.cache_size))
+        operations = DiskOperations(list(zip(names, drivers)), root_is_file=on_file)
     except BaseException:
-        driver.close()
+        for opened in drivers:
+            opened.close()
         raise
 
     options = fuse_options(driver, read_only, args.allow_other, args.debug_fuse, extra_options)
@@ -134,9 +149,37 @@ def check_mountpoint(mountpoint: str) -> str:
         raise MountError(f"cannot mount on {mountpoint}: already a mount point")
     if not os.path.exists(real_path):
         raise MountError(f"cannot mount on {mountpoint}: no such directory")
-    if not os.path.isdir(real_path):
-        raise MountError(f"cannot mount on {mountpoint}: not a directory")
+    if not os.path.isdir(real_path) and not os.path.isfile(real_path):
+        raise MountError(f"cannot mount on {mountpoint}: not a directory or regular file")
     return real_path
+
+
+def exported_names(images: list) -> list:
+    """Return the raw file name of each image; raise MountError when two names are equal."""
+    names = [exported_name(image) for image in images]
+    first_image = {}
+    for image, name in zip(images, names):
+        if name in first_image:
+            raise MountError(f"{first_image[name]} and {image} would both appear as {name}; "
+                             f"rename one of them or link it under another name")
+        first_image[name] = image
+    return names
+
+
+def check_several_images(args: argparse.Namespace, on_file: bool) -> None:
+    """Reject options that apply to one image only when several images are given."""
+    if len(args.images) == 1:
+        return
+    if on_file:
+        raise MountError(f"cannot mount {len(args.images)} images on the file "
+                         f"{args.mountpoint}; a file mount point shows one disk, so give a "
+                         f"directory")
+    for option, value in (("--overlay", args.overlay),
+                          ("--overlay-temporary", args.overlay_temporary),
+                          ("--snapshot", args.snapshot)):
+        if value:
+            raise MountError(f"{option} works with one image only, but "
+                             f"{len(args.images)} images were given")
 
 
 def open_image(image: str, format_name, read_only: bool, cache_size: int,
