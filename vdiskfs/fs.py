@@ -34,6 +34,7 @@ import pyfuse3
 
 from vdiskfs.driver import Driver
 from vdiskfs.errors import CorruptImageError, ReadOnlyError, UnsupportedFeatureError, VdiskError
+from vdiskfs.partitions import PartitionDriver, read_partitions
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class ExportedFile:
     ctime_ns: int
     # Set by a write or resize, cleared by a flush: whether driver.flush() has work to do.
     dirty: bool = False
+    # For a partition file, the exported disk that contains the partition.
+    disk: Optional["ExportedFile"] = None
+    # For a disk with --partitions: set by a write, cleared when a flush re-reads the table.
+    table_changed: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -142,11 +147,13 @@ class DiskOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, exports: Sequence[Tuple[str, Driver]], *, uid: Optional[int] = None,
-                 gid: Optional[int] = None, root_is_file: bool = False) -> None:
+                 gid: Optional[int] = None, root_is_file: bool = False,
+                 partitions: bool = False) -> None:
         """Export each (name, driver) pair as a raw file owned by uid:gid.
 
         uid and gid default to those of this process, the mounting user. With root_is_file,
-        the only exported disk is the root inode itself, for a mount on a regular file.
+        the only exported disk is the root inode itself, for a mount on a regular file. With
+        partitions, each partition of each disk also appears as NAME-partN.raw.
         """
         super().__init__()
         self.uid = os.getuid() if uid is None else uid
@@ -175,6 +182,13 @@ class DiskOperations(pyfuse3.Operations):
         # The exported file that is the root inode, or None when the root is a directory.
         self.root_file: Optional[ExportedFile] = self.files[0] if root_is_file else None
 
+        if partitions and root_is_file:
+            raise ValueError("partition files need a directory mount")
+        self.partitions = partitions
+        self._next_inode = first_inode + len(self.files)
+        for disk in list(self.files) if partitions else []:
+            self.refresh_partitions(disk)
+
     def close(self) -> bool:
         """Close (and so flush) every driver; return False when any of them failed."""
         ok = True
@@ -189,6 +203,60 @@ class DiskOperations(pyfuse3.Operations):
         if dropped:
             log.warning("%d error messages were not logged because of rate limiting", dropped)
         return ok
+
+    # Partition files
+
+    def refresh_partitions(self, disk: ExportedFile) -> None:
+        """Re-read the partition table of `disk` and add, replace or remove its partition files.
+
+        A partition whose range changed gets a new inode, and the kernel's cached entry of
+        the old name is invalidated, so that nothing cached for the old range is used.
+        """
+        disk.table_changed = False
+        found = read_partitions(disk.driver.read, disk.driver.virtual_size, disk.filename)
+        current = {exported.driver.partition.number: exported
+                   for exported in self.files if exported.disk is disk}
+        wanted = {partition.number: partition for partition in found}
+
+        for number, exported in current.items():
+            if wanted.get(number) != exported.driver.partition:
+                self._remove_file(exported)
+                log.info("%s: partition %d changed or was removed; %s is gone", disk.filename,
+                         number, exported.name)
+
+        stem = disk.name[:-len(".raw")] if disk.name.endswith(".raw") else disk.name
+        for partition in found:
+            previous = current.get(partition.number)
+            if previous is not None and previous.driver.partition == partition:
+                continue
+            name = f"{stem}-part{partition.number}.raw"
+            if name.encode() in self._by_name:
+                log.warning("%s: partition %d is not exported, because %s is taken",
+                            disk.filename, partition.number, name)
+                continue
+            self._add_file(name, PartitionDriver(disk.driver, partition), disk)
+            log.info("%s: partition %d at byte %d, %d bytes, appears as %s", disk.filename,
+                     partition.number, partition.offset, partition.size, name)
+
+    def _add_file(self, name: str, driver: Driver, disk: ExportedFile) -> None:
+        exported = ExportedFile(self._next_inode, name, driver, atime_ns=disk.atime_ns,
+                                mtime_ns=disk.mtime_ns, ctime_ns=time.time_ns(), disk=disk)
+        self._next_inode += 1
+        self.files.append(exported)
+        self._by_inode[exported.inode] = exported
+        self._by_name[name.encode()] = exported
+
+    def _remove_file(self, exported: ExportedFile) -> None:
+        self.files.remove(exported)
+        del self._by_inode[exported.inode]
+        del self._by_name[exported.name.encode()]
+        self.invalidate_entry(exported.name)
+
+    def invalidate_entry(self, name: str) -> None:
+        """Tell the kernel to forget the cached directory entry `name` of the root."""
+        # The asynchronous variant runs in pyfuse3's own thread, because invalidating from
+        # inside a request handler can deadlock.
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
 
     # Errors
 
@@ -387,8 +455,12 @@ class DiskOperations(pyfuse3.Operations):
         if exported.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
         # A read-only disk never changes, so its page cache stays valid across opens. A
-        # writable one keeps the default, which drops cached pages at each open.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=exported.read_only)
+        # writable one keeps the default, which drops cached pages at each open. With
+        # partition files, a disk and its partitions show the same bytes through different
+        # inodes, so writable files bypass the page cache to stay consistent.
+        # NOTE: the kernel then rejects shared writable mmap of these files (before Linux 6.6).
+        direct_io = self.partitions and not exported.read_only
+        return pyfuse3.FileInfo(fh=inode, keep_cache=exported.read_only, direct_io=direct_io)
 
     async def read(self, fh, off, size):
         exported = self._exported(fh)
@@ -416,6 +488,9 @@ class DiskOperations(pyfuse3.Operations):
             raise self.request_failed(error, exported, "write", off, len(buf)) from None
         exported.dirty = True
         exported.mtime_ns = time.time_ns()
+        if self.partitions and exported.disk is None:
+            # The write may have changed the partition table; the next flush re-reads it.
+            exported.table_changed = True
         return len(buf)
 
     async def flush(self, fh):
@@ -434,6 +509,12 @@ class DiskOperations(pyfuse3.Operations):
         except Exception as error:
             raise self.request_failed(error, exported, operation) from None
         exported.dirty = False
+        if exported.table_changed:
+            try:
+                self.refresh_partitions(exported)
+            except Exception as error:
+                raise self.request_failed(error, exported, "partition table read") \
+                    from None
 
     async def release(self, fh):
         pass

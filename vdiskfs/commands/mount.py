@@ -32,6 +32,8 @@ examples:
   vdiskfs mount --read-only disk.qcow2 /mnt/disk     serve it read-only
   vdiskfs mount a.qcow2 b.img /mnt/disks             serve /mnt/disks/a.raw and b.raw
   vdiskfs mount disk.qcow2 /vm/disk.img              show the disk at /vm/disk.img
+  vdiskfs mount --partitions disk.qcow2 /mnt/disk    also serve disk-part1.raw, ...
+  mount -o loop /mnt/disk/disk-part1.raw /mnt/root   mount a partition, no offset needed
   vdiskfs mount --overlay work.qcow2 disk.qcow2 /mnt/disk
                                                      keep disk.qcow2; writes go to work.qcow2
   vdiskfs mount --overlay-temporary disk.qcow2 /mnt/disk
@@ -60,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "until unmount")
     parser.add_argument("--format", dest="format_name", metavar="FMT",
                         help="image format (qcow2 or raw); probed when omitted")
+    parser.add_argument("--partitions", action="store_true",
+                        help="also show each MBR or GPT partition of a disk as NAME-partN.raw, "
+                             "N being the number Linux gives it; the files follow changes to "
+                             "the partition table once the writer flushes")
     parser.add_argument("-r", "--read-only", action="store_true",
                         help="open the image read-only and mount with the 'ro' option; "
                              "writes fail with EROFS")
@@ -100,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     on_file = os.path.isfile(mountpoint)
     names = exported_names(args.images)
     check_several_images(args, on_file)
+    if args.partitions and on_file:
+        raise MountError(f"--partitions needs a directory to show the partition files in, "
+                         f"but {args.mountpoint} is a file")
     extra_options = split_options(args.fuse_options)
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
     read_only = args.read_only or "ro" in extra_options or args.snapshot is not None
@@ -117,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for image in args.images[1:]:
             drivers.append(open_image(image, args.format_name, read_only, args.cache_size))
-        operations = DiskOperations(list(zip(names, drivers)), root_is_file=on_file)
+        operations = DiskOperations(list(zip(names, drivers)), root_is_file=on_file,
+                                    partitions=args.partitions)
     except BaseException:
         for opened in drivers:
             opened.close()
