@@ -32,3 +32,12 @@ if [ ! -x "$venv/bin/python" ]; then
     echo '*' > "$venv/.gitignore"
 fi
 "$venv/bin/python" -m pip install -q -e "$repo[test]"
+
+# mount(8) and umount(8) look for the helpers of type fuse.vdiskfs in /sbin only, so /etc/fstab
+# lines need these links. They change the system, so they are made only on request.
+if [ "${VDISKFS_MOUNT_HELPERS:-0}" = 1 ]; then
+    for helper in mount.fuse.vdiskfs mount.vdiskfs umount.fuse.vdiskfs; do
+        echo "vdiskfs setup: linking /sbin/$helper to $venv/bin/$helper" >&2
+        "${as_root[@]}" ln -sf "$venv/bin/$helper" "/sbin/$helper"
+    done
+fi

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from vdiskfs import __version__
+from vdiskfs import __version__, mounthelper
 from vdiskfs.errors import VdiskError
 
 COMMANDS = ("mount", "umount", "info", "create", "check", "commit", "snapshot", "map")
@@ -55,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if mounthelper.is_helper_call(arguments, COMMANDS):
+        # fuse3's mount.fuse3 runs `vdiskfs IMAGE MOUNTPOINT -o OPTIONS` for fuse.vdiskfs.
+        return mounthelper.main(arguments, prog="vdiskfs")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
