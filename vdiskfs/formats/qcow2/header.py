@@ -353,6 +353,9 @@ def _parse_feature_names(header: Qcow2Header, data: bytes) -> None:
 
 
 def _decode_name(data: bytes, what: str) -> str:
+    if b"\0" in data:
+        # No file or format name contains a NUL byte, and os functions reject one.
+        raise InvalidImageError(f"invalid qcow2 header: the {what} contains a NUL byte")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
