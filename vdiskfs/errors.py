@@ -6,7 +6,24 @@ The FUSE layer turns CorruptImageError and OSError into EIO and ReadOnlyError in
 
 
 class VdiskError(Exception):
-    """Base class of every error that vdiskfs reports to the user in one line."""
+    """Base class of every error that vdiskfs reports to the user in one line.
+
+    Messages often quote names read from the image (backing file, snapshot and feature
+    names). str() escapes their control characters, so a hostile image cannot break the
+    message into several lines or send escape sequences to a terminal.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(character if character.isprintable() else _escape(character)
+                       for character in text)
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 class InvalidImageError(VdiskError):
