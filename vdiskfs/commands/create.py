@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Dict, Optional, Tuple
 
+from vdiskfs import progress
 from vdiskfs.errors import BackingChainError, VdiskError
 from vdiskfs.formats.create_options import (
     InvalidOptionError, describe_options, join_choices, parse_options, split_option_string)
@@ -44,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="format of the backing file, qcow2 or raw (probed when omitted)")
     parser.add_argument("-u", dest="unsafe", action="store_true",
                         help="do not open the backing file (then SIZE and -F are required)")
-    parser.add_argument("-q", dest="quiet", action="store_true",
-                        help="accepted for qemu-img compatibility (create prints nothing on success)")
+    parser.add_argument("-q", "--quiet", dest="quiet", action="store_true",
+                        help="show no progress bar (shown on a terminal while "
+                             "preallocation=full writes zeros)")
     parser.add_argument("image", metavar="IMAGE", nargs="?", help="file name of the new image")
     parser.add_argument("size", metavar="SIZE", nargs="?", help="virtual disk size in bytes")
     parser.epilog = EPILOG
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image is None:
         raise InvalidOptionError("missing IMAGE: give the file name of the image to create")
+    progress.set_quiet(args.quiet)
     try:
         create_image(args, values)
     except (VdiskError, OSError) as error:

@@ -16,6 +16,7 @@ from vdiskfs.errors import UnsupportedFeatureError
 from vdiskfs.formats.create_options import (
     MAX_IMAGE_SIZE, InvalidOptionError, OptionSpec, choice_parser, join_choices,
     parse_size_value)
+from vdiskfs.progress import progress_bar
 
 SECTOR_SIZE = 512  # qemu-img rounds image sizes up to whole sectors
 
@@ -76,9 +77,12 @@ def preallocate(fd: int, offset: int, length: int, mode: str) -> None:
     elif mode == "full":
         zeros = bytes(min(ZERO_FILL_CHUNK, length))
         end = offset + length
-        while offset < end:
-            view = memoryview(zeros)[:end - offset]
-            offset += os.pwrite(fd, view, offset)
+        with progress_bar(length, "preallocating") as bar:
+            while offset < end:
+                view = memoryview(zeros)[:end - offset]
+                written = os.pwrite(fd, view, offset)
+                offset += written
+                bar.advance(written)
 
 
 @contextlib.contextmanager
