@@ -92,6 +92,19 @@ def build_data_file_raw(tmp_path: Path) -> Path:
     return image
 
 
+def build_preallocated_metadata(tmp_path: Path) -> Path:
+    image = create_qcow2(tmp_path / "disk.qcow2", 4 * MiB, "preallocation=metadata")
+    qemu_io(image, "write -P 0x11 64k 4k", "write -z 1M 64k")
+    return image
+
+
+def build_preallocated_under_overlay(tmp_path: Path) -> Path:
+    build_preallocated_metadata(tmp_path)
+    top = create_qcow2(tmp_path / "top.qcow2", 4 * MiB, backing="disk.qcow2")
+    qemu_io(top, "write -P 0x22 2M 64k")
+    return top
+
+
 def build_raw(tmp_path: Path) -> Path:
     return random_file_with_hole(tmp_path / "disk.raw", 3 * MiB, 1 * MiB, seed=5)
 
@@ -117,6 +130,8 @@ MATRIX = {
     "short-backing": build_short_backing,
     "external-data-file": build_data_file,
     "external-data-file-raw": build_data_file_raw,
+    "preallocation-metadata": build_preallocated_metadata,
+    "preallocation-metadata-backing": build_preallocated_under_overlay,
     "raw-with-hole": build_raw,
     "raw-sparse": build_empty_raw,
 }

@@ -11,12 +11,11 @@ each entry covers [start, start + length) of the guest disk, and
   none.
 Adjacent entries merge when all keys match and their offsets are contiguous.
 
-Raw layers report holes of their file (lseek SEEK_HOLE) as zero ranges, as QEMU does.
-
-Caveats:
-- QEMU guesses whether a qcow2 image was created with preallocation=metadata and then also
-  reports holes of its file under data clusters as zero. vdiskfs does not make that guess,
-  so for such images data clusters that were never written show `"zero": false`.
+Raw layers report holes of their file (lseek SEEK_HOLE) as zero ranges, as QEMU does. A
+qcow2 layer that looks as if it was created with preallocation=metadata reports holes of its
+file under data clusters as zero (and still as data), as QEMU 7.2 does: QEMU makes that guess
+when more clusters of the file have a non-zero refcount than its allocated blocks account for
+(more than 10/9 of them, and more than two more).
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ from typing import Iterator, Optional
 
 from vdiskfs.driver import Driver, RunKind
 from vdiskfs.errors import VdiskError
+from vdiskfs.formats.qcow2 import Qcow2Driver
+from vdiskfs.formats.qcow2.refcount import Refcounts
 from vdiskfs.formats.raw import RawDriver
 from vdiskfs.hostfile import data_extents
 from vdiskfs.registry import open_chain
@@ -99,10 +100,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def chain_entries(layer: Driver, offset: int, length: int, depth: int = 0) -> Iterator[MapEntry]:
-    """Yield unmerged entries for [offset, offset + length) of `layer` and the layers below."""
+def chain_entries(layer: Driver, offset: int, length: int, depth: int = 0,
+                  preallocated_layers: Optional[dict] = None) -> Iterator[MapEntry]:
+    """Yield unmerged entries for [offset, offset + length) of `layer` and the layers below.
+
+    `preallocated_layers` caches looks_preallocated() per layer across recursive calls.
+    """
+    if preallocated_layers is None:
+        preallocated_layers = {}
+    if layer not in preallocated_layers:
+        preallocated_layers[layer] = looks_preallocated(layer)
+    preallocated = preallocated_layers[layer]
     for run in layer.map_range(offset, length):
-        if run.kind is RunKind.DATA:
+        if run.kind is RunKind.DATA and preallocated:
+            yield from _preallocated_entries(layer, run, depth)
+        elif run.kind is RunKind.DATA:
             yield from _data_entries(layer, run.guest_offset, run.length, run.host_offset, depth)
         elif run.kind is RunKind.COMPRESSED:
             yield MapEntry(run.guest_offset, run.length, depth, present=True, zero=False,
@@ -110,7 +122,7 @@ def chain_entries(layer: Driver, offset: int, length: int, depth: int = 0) -> It
         elif run.kind is RunKind.ZERO:
             yield _entry_with_host(layer, run, run.guest_offset, run.end, depth, present=True)
         else:
-            yield from _unallocated_entries(layer, run, depth)
+            yield from _unallocated_entries(layer, run, depth, preallocated_layers)
 
 
 def _data_entries(layer: Driver, start: int, length: int, host_offset: int,
@@ -125,7 +137,38 @@ def _data_entries(layer: Driver, start: int, length: int, host_offset: int,
                        filename=layer.filename)
 
 
-def _unallocated_entries(layer: Driver, run, depth: int) -> Iterator[MapEntry]:
+def looks_preallocated(layer: Driver) -> bool:
+    """Guess, as QEMU 7.2 does, whether a qcow2 layer was created with preallocation=metadata.
+
+    That is the case when more clusters of the image file have a non-zero refcount than
+    max(10/9 of, two more than) the clusters its allocated blocks can hold.
+    """
+    if not isinstance(layer, Qcow2Driver):
+        return False
+    cluster_size = layer.cluster_size
+    allocated_clusters = layer.allocated_size() // cluster_size
+    threshold = max(allocated_clusters * 10 // 9, allocated_clusters + 2)
+    refcounts = Refcounts(layer, 4 * cluster_size)
+    referenced = 0
+    for cluster_index in range(-(-layer.file_size() // cluster_size)):
+        if refcounts.get(cluster_index):
+            referenced += 1
+            if referenced > threshold:
+                return True
+    return False
+
+
+def _preallocated_entries(layer: Driver, run, depth: int) -> Iterator[MapEntry]:
+    """Yield entries of a data run whose holes in the data file read as zeros."""
+    for piece_start, piece_length, is_data in data_extents(layer.data_file_fd, run.host_offset,
+                                                           run.length):
+        yield MapEntry(run.guest_offset + piece_start - run.host_offset, piece_length, depth,
+                       present=True, zero=not is_data, data=True, offset=piece_start,
+                       filename=_data_filename(layer))
+
+
+def _unallocated_entries(layer: Driver, run, depth: int,
+                         preallocated_layers: dict) -> Iterator[MapEntry]:
     """Yield entries for a range that `layer` leaves to its backing file.
 
     The backing file decides the range up to its own end. Past that end, and everywhere
@@ -137,7 +180,7 @@ def _unallocated_entries(layer: Driver, run, depth: int) -> Iterator[MapEntry]:
         covered_end = max(run.guest_offset, min(run.end, backing.virtual_size))
         if covered_end > run.guest_offset:
             yield from chain_entries(backing, run.guest_offset, covered_end - run.guest_offset,
-                                     depth + 1)
+                                     depth + 1, preallocated_layers)
     if covered_end < run.end:
         yield _entry_with_host(layer, run, covered_end, run.end, depth, present=False)
 
