@@ -3,6 +3,8 @@ damaged ones, and --partitions mounts that expose each partition as its own file
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 import subprocess
@@ -259,6 +261,17 @@ def test_repartition_replaces_files(image, mountpoint):
     assert not part2_exists
     assert new_stat.st_size == 8192 * SECTOR_SIZE
     assert new_stat.st_ino not in (first_inode, second_inode)
+
+
+@needs_fuse
+def test_writable_partitions_mount_bypasses_cache(image, mountpoint):
+    with mounted(image, mountpoint, "--partitions") as exposed:
+        with open(exposed, "r+b") as stream:
+            with pytest.raises(OSError) as raised:
+                mmap.mmap(stream.fileno(), 4096, flags=mmap.MAP_SHARED)
+
+    # Direct I/O files reject shared mappings, as README.md states.
+    assert raised.value.errno == errno.ENODEV
 
 
 @needs_fuse

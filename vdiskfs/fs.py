@@ -458,7 +458,7 @@ class DiskOperations(pyfuse3.Operations):
         # writable one keeps the default, which drops cached pages at each open. With
         # partition files, a disk and its partitions show the same bytes through different
         # inodes, so writable files bypass the page cache to stay consistent.
-        # NOTE: the kernel then rejects shared writable mmap of these files (before Linux 6.6).
+        # NOTE: the kernel then rejects MAP_SHARED mmap of these files with ENODEV.
         direct_io = self.partitions and not exported.read_only
         return pyfuse3.FileInfo(fh=inode, keep_cache=exported.read_only, direct_io=direct_io)
 
