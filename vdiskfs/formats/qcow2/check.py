@@ -143,6 +143,7 @@ class _StoredRefcounts:
         self.block_bits = self.block_entries.bit_length() - 1
         self.table = table
         self.decode, _ = make_codec(header.refcount_order)
+        self.file_size = os.fstat(fd).st_size
         self.block_offset = -1
         self.block = None
 
@@ -157,7 +158,12 @@ class _StoredRefcounts:
         if block_offset & (self.cluster_size - 1):
             raise ValueError(f"refcount block offset {block_offset:#x} is not aligned to a cluster")
         if block_offset != self.block_offset:
-            self.block = self.decode(pread_exact(self.fd, self.cluster_size, block_offset))
+            # A block past the end of the file reads as zeros, as in QEMU; the offset may
+            # be too large for pread.
+            data = b""
+            if block_offset < self.file_size:
+                data = pread_exact(self.fd, self.cluster_size, block_offset)
+            self.block = self.decode(data.ljust(self.cluster_size, b"\0"))
             self.block_offset = block_offset
         return self.block[cluster_index & (self.block_entries - 1)]
 
