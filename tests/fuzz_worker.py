@@ -3,7 +3,8 @@
 Run as `python fuzz_worker.py LIMIT_BYTES`. Each line on standard input names an image;
 the worker opens it read-only, reads its disk in chunks and prints one line:
 - `open-error <message>` when opening raised a VdiskError,
-- `ok <chunks read> <chunks that raised CorruptImageError>` after the reads,
+- `ok <chunks read> <chunks that raised CorruptImageError>` after the reads and a run of
+  the qcow2 checker,
 - `bug <exception type>: <message>` for any other exception, MemoryError included.
 The limit makes an allocation that follows a corrupted size field fail here, instead of
 passing unnoticed or exhausting the machine.
@@ -16,6 +17,7 @@ import sys
 import traceback
 
 from vdiskfs.errors import CorruptImageError, VdiskError
+from vdiskfs.formats.qcow2.check import Qcow2Checker
 from vdiskfs.registry import open_chain
 
 CHUNK = 256 * 1024
@@ -50,6 +52,9 @@ def check_image(path: str) -> str:
                 driver.read(offset, CHUNK)
             except CorruptImageError:
                 damaged += 1
+        if driver.format_name == "qcow2":
+            # The checker reads the same metadata and must not fail on it either.
+            Qcow2Checker(driver, lambda line: None).check()
         return f"ok {reads} {damaged}"
     finally:
         driver.close()
