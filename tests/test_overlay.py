@@ -50,13 +50,14 @@ def random_writes(exposed: Path, expected: bytearray, seed: int, count: int = 40
         expected[offset:offset + length] = data
 
 
-def check_qemu_sees(overlay: Path, expected: bytes, tmp_path: Path) -> None:
+def check_qemu_sees(overlay: Path, expected: bytes, tmp_path: Path, *share: str) -> None:
+    """Compare and check `overlay` with qemu-img; pass "-U" while the overlay is mounted."""
     expected_file = tmp_path / "expected.raw"
     expected_file.write_bytes(expected)
-    compared = qemu_img("compare", "-F", "raw", overlay, expected_file, check=False)
+    compared = qemu_img("compare", *share, "-F", "raw", overlay, expected_file, check=False)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert "Images are identical" in compared.stdout
-    checked = qemu_img("check", overlay, check=False)
+    checked = qemu_img("check", *share, overlay, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "No errors were found" in checked.stdout
 
@@ -132,7 +133,8 @@ def test_overlay_temporary_removed(tmp_path, mountpoint, monkeypatch):
         assert len(overlays) == 1
         assert overlays[0].name.startswith("vdiskfs-overlay-")
         assert str(overlays[0]) in daemon_log(mountpoint)
-        check_qemu_sees(overlays[0], bytes(expected), tmp_path)
+        # The daemon holds the overlay for writing, so qemu-img must share it (-U).
+        check_qemu_sees(overlays[0], bytes(expected), tmp_path, "-U")
 
     assert list(temporary_dir.iterdir()) == []
     assert "removed temporary overlay" in daemon_log(mountpoint)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from vdiskfs.errors import ReadOnlyError
+from vdiskfs.locking import ImageLock
 
 
 class RunKind(enum.Enum):
@@ -68,6 +69,8 @@ class Driver(abc.ABC):
     backing: Optional["Driver"] = None
     backing_filename: Optional[str] = None
     backing_format: Optional[str] = None
+    # QEMU-compatible locks on the image file, set by registry.open_image().
+    image_lock: Optional[ImageLock] = None
 
     @classmethod
     @abc.abstractmethod
@@ -140,10 +143,17 @@ class Driver(abc.ABC):
         """Make every completed write durable, in this layer and its data file."""
 
     def close(self) -> None:
-        """Flush and release this layer and every backing layer below it."""
+        """Flush and release this layer and every backing layer below it.
+
+        Subclasses close their files first and then call this, so the image lock is
+        released only after the last write.
+        """
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+        if self.image_lock is not None:
+            self.image_lock.release()
+            self.image_lock = None
 
     def allocated_size(self) -> int:
         """Bytes the image file occupies on disk (st_blocks * 512)."""

@@ -23,6 +23,7 @@ from vdiskfs.driver import Driver
 from vdiskfs.errors import BackingChainError, InvalidImageError
 from vdiskfs.formats.qcow2 import Qcow2Driver
 from vdiskfs.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+from vdiskfs.locking import WRITABLE, acquire_image_lock
 from vdiskfs.registry import DEFAULT_CACHE_SIZE, open_chain, probe_format, resolve_backing_path
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,16 @@ def _create_overlay(overlay: str, image: str, base: Driver) -> None:
 
 def _open_existing_overlay(overlay: str, image: str, base: Driver, driver_class,
                            cache_size: int) -> Driver:
-    if probe_format(overlay) != "qcow2":
-        raise InvalidImageError(f"the overlay {overlay} is not a qcow2 image")
-    top = driver_class.open(overlay, read_only=False, cache_size=cache_size)
+    image_lock = acquire_image_lock(overlay, WRITABLE)
+    try:
+        if probe_format(overlay) != "qcow2":
+            raise InvalidImageError(f"the overlay {overlay} is not a qcow2 image")
+        top = driver_class.open(overlay, read_only=False, cache_size=cache_size)
+    except BaseException:
+        if image_lock is not None:
+            image_lock.release()
+        raise
+    top.image_lock = image_lock
     try:
         if top.read_only:
             raise InvalidImageError(

@@ -12,6 +12,7 @@ from vdiskfs.errors import BackingChainError, UnsupportedFeatureError, VdiskErro
 from vdiskfs.formats.qcow2 import Qcow2Driver
 from vdiskfs.formats.raw import RawDriver
 from vdiskfs.hostfile import open_host_file
+from vdiskfs.locking import acquire_image_lock, lock_mode
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,32 @@ def probe_format(filename: str) -> str:
 
 
 def open_image(filename: str, format_name: Optional[str] = None, *, read_only: bool = True,
-               cache_size: int = DEFAULT_CACHE_SIZE) -> Driver:
-    """Open one layer, probing its format unless `format_name` is given. Backing files stay closed."""
-    if format_name is None:
-        format_name = probe_format(filename)
-    driver = DRIVERS.get(format_name)
-    if driver is None:
+               cache_size: int = DEFAULT_CACHE_SIZE, force_share: bool = False) -> Driver:
+    """Open one layer, probing its format unless `format_name` is given. Backing files stay closed.
+
+    The image file is locked as QEMU locks it (see vdiskfs.locking) before anything reads
+    or writes it. Raises ImageLockedError when another process holds a conflicting lock.
+    `force_share` lets a read-only open share the image with writers, like `qemu-img -U`.
+    """
+    if force_share and not read_only:
+        raise ValueError("force_share needs a read-only open")
+    driver = DRIVERS.get(format_name) if format_name is not None else None
+    if format_name is not None and driver is None:
         known = ", ".join(sorted(DRIVERS))
         raise UnsupportedFeatureError(f"unknown format '{format_name}' (known: {known})")
-    return driver.open(filename, read_only=read_only, cache_size=cache_size)
+
+    # NOTE: an external data file of a qcow2 image is not locked, while QEMU locks it too.
+    image_lock = acquire_image_lock(filename, lock_mode(read_only, force_share))
+    try:
+        if driver is None:
+            driver = DRIVERS[probe_format(filename)]
+        opened = driver.open(filename, read_only=read_only, cache_size=cache_size)
+    except BaseException:
+        if image_lock is not None:
+            image_lock.release()
+        raise
+    opened.image_lock = image_lock
+    return opened
 
 
 def resolve_backing_path(overlay_filename: str, backing_filename: str) -> str:
@@ -70,28 +88,31 @@ def resolve_backing_path(overlay_filename: str, backing_filename: str) -> str:
 
 
 def open_chain(filename: str, format_name: Optional[str] = None, *, read_only: bool = True,
-               cache_size: int = DEFAULT_CACHE_SIZE, snapshot: Optional[str] = None) -> Driver:
+               cache_size: int = DEFAULT_CACHE_SIZE, snapshot: Optional[str] = None,
+               force_share: bool = False) -> Driver:
     """Open `filename` and every backing file below it; return the top layer.
 
     Backing files are always opened read-only. With `snapshot` (an ID or name), the top
     layer serves that internal snapshot read-only. Raises BackingChainError when a backing
     file is missing, when the chain loops, or when it is deeper than MAX_CHAIN_DEPTH.
+    Every file is locked as open_image() locks it, and `force_share` applies to all of them.
     """
-    top = open_image(filename, format_name, read_only=read_only, cache_size=cache_size)
+    top = open_image(filename, format_name, read_only=read_only, cache_size=cache_size,
+                     force_share=force_share)
     try:
         if snapshot is not None:
             select = getattr(top, "select_snapshot", None)
             if select is None:
                 raise UnsupportedFeatureError(f"{top.format_name} images have no internal snapshots")
             select(snapshot)
-        _open_backing_files(top, cache_size)
+        _open_backing_files(top, cache_size, force_share)
     except BaseException:
         top.close()
         raise
     return top
 
 
-def _open_backing_files(top: Driver, cache_size: int) -> None:
+def _open_backing_files(top: Driver, cache_size: int, force_share: bool = False) -> None:
     names = [top.filename]
     stat = os.stat(top.filename)
     seen = {(stat.st_dev, stat.st_ino)}
@@ -118,7 +139,8 @@ def _open_backing_files(top: Driver, cache_size: int) -> None:
         names.append(path)
 
         try:
-            backing = open_image(path, layer.backing_format, read_only=True, cache_size=cache_size)
+            backing = open_image(path, layer.backing_format, read_only=True,
+                                 cache_size=cache_size, force_share=force_share)
         except OSError as error:
             raise BackingChainError(
                 f"cannot open backing file {path}: {error.strerror}") from None

@@ -12,6 +12,7 @@ from vdiskfs.daemon import FUSE_SUBTYPE, MountError, RuntimeFiles
 from vdiskfs.driver import Driver
 from vdiskfs.errors import VdiskError
 from vdiskfs.fs import DiskOperations, exported_name
+from vdiskfs.locking import find_writer
 from vdiskfs.overlay import open_overlay, open_temporary_overlay
 from vdiskfs.registry import DEFAULT_CACHE_SIZE, open_chain
 from vdiskfs.sizes import format_size, parse_size
@@ -69,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--read-only", action="store_true",
                         help="open the image read-only and mount with the 'ro' option; "
                              "writes fail with EROFS")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="with --read-only, open the image even while another process "
+                             "(QEMU, qemu-img, another mount) holds it for writing, as "
+                             "qemu-img -U does; reads may then see inconsistent data")
     parser.add_argument("--snapshot", metavar="SNAPSHOT",
                         help="serve the internal snapshot SNAPSHOT (an ID or name, as "
                              "`vdiskfs snapshot -l` lists them) instead of the active disk; "
@@ -112,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     extra_options = split_options(args.fuse_options)
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
     read_only = args.read_only or "ro" in extra_options or args.snapshot is not None
+    if args.force_share and not read_only:
+        raise MountError("--force-share needs --read-only, because vdiskfs never writes to an "
+                         "image that another process may be writing")
 
     if read_only and (args.overlay or args.overlay_temporary):
         raise MountError("--overlay and --overlay-temporary need a writable mount; to read an "
@@ -121,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
         driver = open_with_overlay(args.image, args.format_name, args.overlay, args.cache_size)
     else:
         driver = open_image(args.image, args.format_name, read_only, args.cache_size,
-                            snapshot=args.snapshot)
+                            snapshot=args.snapshot, force_share=args.force_share)
     drivers = [driver]
     try:
         for image in args.images[1:]:
-            drivers.append(open_image(image, args.format_name, read_only, args.cache_size))
+            drivers.append(open_image(image, args.format_name, read_only, args.cache_size,
+                                      force_share=args.force_share))
         operations = DiskOperations(list(zip(names, drivers)), root_is_file=on_file,
                                     partitions=args.partitions)
     except BaseException:
@@ -193,16 +202,26 @@ def check_several_images(args: argparse.Namespace, on_file: bool) -> None:
 
 
 def open_image(image: str, format_name, read_only: bool, cache_size: int,
-               snapshot: Optional[str] = None) -> Driver:
-    """Open `image` and its backing chain; raise MountError that names the image on failure."""
+               snapshot: Optional[str] = None, force_share: bool = False) -> Driver:
+    """Open `image` and its backing chain; raise MountError that names the image on failure.
+
+    With `force_share`, a read-only open succeeds while another process writes the image,
+    and a warning names that process.
+    """
     try:
         # An absolute name keeps working after the daemon changes to the root directory.
-        return open_chain(os.path.abspath(image), format_name, read_only=read_only,
-                          cache_size=cache_size, snapshot=snapshot)
+        driver = open_chain(os.path.abspath(image), format_name, read_only=read_only,
+                            cache_size=cache_size, snapshot=snapshot, force_share=force_share)
     except OSError as error:
         raise MountError(f"cannot open {image}: {error.strerror or error}") from None
     except VdiskError as error:
         raise MountError(f"cannot open {image}: {error}") from None
+    if force_share:
+        writer = find_writer(driver.filename)
+        if writer is not None:
+            log.warning("%s is open for writing by %s; serving it anyway because of "
+                        "--force-share, so reads may see inconsistent data", image, writer)
+    return driver
 
 
 def open_with_overlay(image: str, format_name, overlay, cache_size: int) -> Driver:
