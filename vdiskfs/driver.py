@@ -69,6 +69,8 @@ class Driver(abc.ABC):
     backing: Optional["Driver"] = None
     backing_filename: Optional[str] = None
     backing_format: Optional[str] = None
+    # Set by the registry when the format was probed instead of given by the user.
+    format_probed: bool = False
     # QEMU-compatible locks on the image file, set by registry.open_image().
     image_lock: Optional[ImageLock] = None
 

@@ -42,6 +42,10 @@ class CorruptImageError(VdiskError):
     """Damage met while serving a request, such as an L2 entry that points past the end of the file."""
 
 
+class FormatChangeError(VdiskError):
+    """A write would make a raw image whose format was probed look like another format."""
+
+
 class ReadOnlyError(VdiskError):
     """A write was requested on an image that is open read-only."""
 

@@ -33,7 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pyfuse3
 
 from vdiskfs.driver import Driver
-from vdiskfs.errors import CorruptImageError, ReadOnlyError, UnsupportedFeatureError, VdiskError
+from vdiskfs.errors import (CorruptImageError, FormatChangeError, ReadOnlyError,
+                            UnsupportedFeatureError, VdiskError)
 from vdiskfs.partitions import PartitionDriver, read_partitions
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def errno_for(error: BaseException) -> int:
     """Return the errno value that a request failing with `error` returns to the kernel."""
     if isinstance(error, ReadOnlyError):
         return errno.EROFS
+    if isinstance(error, FormatChangeError):
+        return errno.EPERM
     if isinstance(error, UnsupportedFeatureError):
         return errno.EOPNOTSUPP
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

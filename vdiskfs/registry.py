@@ -37,6 +37,11 @@ def probe_format(filename: str) -> str:
         head = os.pread(fd, PROBE_LENGTH, 0)
     finally:
         os.close(fd)
+    return format_of_head(head, filename)
+
+
+def format_of_head(head: bytes, filename: str) -> str:
+    """Return the name of the format whose driver scores highest for `head`, a file's first bytes."""
     scores = {name: driver.probe(head, filename) for name, driver in DRIVERS.items()}
     return max(scores, key=scores.get)
 
@@ -59,9 +64,11 @@ def open_image(filename: str, format_name: Optional[str] = None, *, read_only: b
     # NOTE: an external data file of a qcow2 image is not locked, while QEMU locks it too.
     image_lock = acquire_image_lock(filename, lock_mode(read_only, force_share))
     try:
-        if driver is None:
+        probed = driver is None
+        if probed:
             driver = DRIVERS[probe_format(filename)]
         opened = driver.open(filename, read_only=read_only, cache_size=cache_size)
+        opened.format_probed = probed
     except BaseException:
         if image_lock is not None:
             image_lock.release()

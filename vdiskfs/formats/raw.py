@@ -1,4 +1,9 @@
-"""The raw format: the file or block device is the disk, byte for byte."""
+"""The raw format: the file or block device is the disk, byte for byte.
+
+A raw image opened without --format (probed) rejects writes that would make its first
+sector probe as another format, as QEMU does. Otherwise a guest could plant a qcow2 header
+that names a host file as its backing file, and the next probing open would read it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import stat
 from typing import Iterator
 
 from vdiskfs.driver import Driver, Run, RunKind
-from vdiskfs.errors import ReadOnlyError, UnsupportedFeatureError
-from vdiskfs.hostfile import file_size, open_host_file
+from vdiskfs.errors import FormatChangeError, ReadOnlyError, UnsupportedFeatureError
+from vdiskfs.hostfile import file_size, open_host_file, pread_exact
+
+# Bytes at the start of a file that format probing reads.
+PROBE_LENGTH = 512
 
 
 class RawDriver(Driver):
@@ -50,11 +58,28 @@ class RawDriver(Driver):
     def write(self, offset: int, data: bytes) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self.format_probed and offset < PROBE_LENGTH:
+            self._check_format_kept(offset, data)
         view = memoryview(data)
         while view:
             done = os.pwrite(self.fd, view, offset)
             view = view[done:]
             offset += done
+
+    def _check_format_kept(self, offset: int, data: bytes) -> None:
+        """Raise FormatChangeError when the write would make the file probe as another format."""
+        # Imported here because the registry imports this module.
+        from vdiskfs.registry import format_of_head
+
+        head = bytearray(pread_exact(self.fd, PROBE_LENGTH, 0))
+        end = min(PROBE_LENGTH, offset + len(data))
+        head[offset:end] = bytes(data[:end - offset])
+        probed = format_of_head(bytes(head), self.filename)
+        if probed != self.format_name:
+            raise FormatChangeError(
+                f"write at offset {offset} to {self.filename} rejected: the image's format was "
+                f"probed as raw and the write would make it probe as {probed}; mount with "
+                f"--format raw to allow such writes")
 
     def resize(self, new_size: int) -> None:
         """Grow a regular file; shrinking is rejected because it would discard guest data."""
