@@ -332,3 +332,27 @@ def test_partitions_reject_file_mountpoint(tmp_path):
 
     assert result.returncode == 1
     assert "--partitions needs a directory" in result.stderr
+
+
+def test_repartition_invalidates_old_names(disk):
+    from vdiskfs.fs import DiskOperations
+    from vdiskfs.registry import open_image
+
+    sfdisk(disk, GPT_LAYOUT)
+    driver = open_image(str(disk), "raw", read_only=False)
+    operations = DiskOperations([("disk.raw", driver)], partitions=True)
+    invalidated = []
+    operations.invalidate_entry = invalidated.append
+    try:
+        before = {exported.name: exported.inode for exported in operations.files}
+        sfdisk(disk, "label: gpt\nstart=2048, size=4096, type=L\n")
+        operations.refresh_partitions(operations.files[0])
+        after = {exported.name: exported.inode for exported in operations.files}
+    finally:
+        operations.close()
+
+    assert sorted(before) == ["disk-part1.raw", "disk-part2.raw", "disk.raw"]
+    assert sorted(after) == ["disk-part1.raw", "disk.raw"]
+    assert invalidated == ["disk-part2.raw"]
+    # Partition 1 kept its range, so it keeps its inode and its cached pages.
+    assert after["disk-part1.raw"] == before["disk-part1.raw"]
