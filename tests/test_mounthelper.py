@@ -47,6 +47,13 @@ def test_read_only_option_maps():
     assert arguments == ["--read-only", "--overlay-temporary", "disk.qcow2", "/mnt"]
 
 
+def test_snapshot_and_force_share_map():
+    arguments = mount_arguments("disk.qcow2", "/mnt", ["ro,snapshot=before-upgrade,force-share"])
+
+    assert arguments == ["--read-only", "--snapshot", "before-upgrade", "--force-share",
+                         "disk.qcow2", "/mnt"]
+
+
 def test_read_only_overlay_missing_uses_image(tmp_path):
     image = tmp_path / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "1M")

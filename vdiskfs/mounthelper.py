@@ -33,6 +33,7 @@ OPTION_MAP = {
     "format": "--format",
     "cache-size": "--cache-size",
     "cache_size": "--cache-size",
+    "snapshot": "--snapshot",
 }
 
 # fstab options without a value, and the `vdiskfs mount` option they turn on.
@@ -42,6 +43,8 @@ FLAG_MAP = {
     "overlay_temporary": "--overlay-temporary",
     "partitions": "--partitions",
     "allow_other": "--allow-other",
+    "force-share": "--force-share",
+    "force_share": "--force-share",
 }
 
 # Options that mount(8), systemd or mount.fuse3 act on, and that mean nothing to FUSE.
