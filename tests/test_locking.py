@@ -192,6 +192,11 @@ def test_qemu_write_fails_while_mounted(image, mountpoint):
         assert QEMU_SHARED_WRITE_LOCK_ERROR in info.stderr
         qemu_img("info", "-U", image)
 
+        info = vdiskfs("info", image, check=False)
+        assert info.returncode == 1
+        assert "the image is locked for writing by another process" in info.stderr
+        assert "virtual size: 4 MiB" in vdiskfs("info", "-U", image).stdout
+
     # The daemon has exited, so its locks are gone.
     qemu_io(image, "write -P 0x11 0 512")
 

@@ -21,12 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print JSON with the keys of `qemu-img info --output=json`")
     parser.add_argument("--backing-chain", action="store_true",
                         help="describe every layer of the backing chain, top first")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="read the image even while another process holds it for "
+                             "writing, as qemu-img info -U does")
     parser.epilog = "example:\n  vdiskfs info --json --backing-chain disk.qcow2"
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        top = open_chain(args.image, args.format_name, read_only=True)
+        top = open_chain(args.image, args.format_name, read_only=True,
+                         force_share=args.force_share)
     except (VdiskError, OSError) as error:
         raise type(error)(f"cannot open {args.image}: {_reason(error)}") from None
 
