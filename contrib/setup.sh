@@ -18,7 +18,7 @@ export DEBIAN_FRONTEND=noninteractive
 "${as_root[@]}" apt-get update -q >/dev/null
 "${as_root[@]}" apt-get install -y -q --no-install-recommends \
     fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-    qemu-utils qemu-system-x86 fdisk e2fsprogs man-db >/dev/null
+    qemu-utils qemu-system-x86 fdisk e2fsprogs man-db fio >/dev/null
 
 # The kernel exposes /dev/fuse once its fuse module is loaded.
 if [ ! -e /dev/fuse ] && command -v modprobe >/dev/null; then
