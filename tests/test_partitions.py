@@ -356,3 +356,21 @@ def test_repartition_invalidates_old_names(disk):
     assert invalidated == ["disk-part2.raw"]
     # Partition 1 kept its range, so it keeps its inode and its cached pages.
     assert after["disk-part1.raw"] == before["disk-part1.raw"]
+
+
+@needs_fuse
+def test_partitions_of_several_disks(image, tmp_path, mountpoint):
+    data = tmp_path / "data.img"
+    with open(data, "wb") as stream:
+        stream.truncate(16 * MiB)
+    sfdisk(data, MBR_LAYOUT)
+
+    vdiskfs("mount", "--partitions", image, data, mountpoint)
+    try:
+        sfdisk(mountpoint / "disk.raw", GPT_LAYOUT)
+        names = sorted(os.listdir(mountpoint))
+    finally:
+        vdiskfs("umount", mountpoint)
+
+    assert names == ["data-part1.raw", "data-part2.raw", "data-part5.raw", "data-part6.raw",
+                     "data.raw", "disk-part1.raw", "disk-part2.raw", "disk.raw"]
