@@ -155,7 +155,7 @@ def test_commit_progress_on_terminal(tmp_path):
         os.close(leader)
 
     assert process.returncode == 0
-    assert "(100.00/100%)" in shown
+    assert "committing 100%" in shown
     assert process.stdout == b"Image committed.\n"
     assert_identical(middle, expected)
 

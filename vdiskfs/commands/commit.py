@@ -11,13 +11,12 @@ it. A backing image smaller than the overlay is grown first.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from typing import Callable, Optional, TextIO
+from typing import Callable, Optional
 
 from vdiskfs.driver import Driver, Run, RunKind
 from vdiskfs.errors import BackingChainError, VdiskError
 from vdiskfs.formats.qcow2 import Qcow2Driver
+from vdiskfs.progress import progress_bar, set_quiet
 from vdiskfs.registry import open_chain, open_image, resolve_backing_path
 
 HELP = "write the data of an overlay into its backing image"
@@ -34,10 +33,8 @@ examples:
 # Bytes read from the overlay and written to the backing image per step.
 COPY_CHUNK = 4 * 1024 * 1024
 
-# The progress bar is redrawn at most this often, in seconds.
-PROGRESS_INTERVAL = 0.1
-
-ProgressCallback = Callable[[int, int], None]
+# Receives the guest offset up to which the commit is done, in bytes.
+ProgressCallback = Callable[[int], None]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,21 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    progress = None
-    if not args.quiet and sys.stderr.isatty():
-        progress = ProgressBar(sys.stderr)
+    if args.quiet:
+        set_quiet(True)
 
     top, backing = open_overlay_and_backing(args.overlay)
     try:
-        commit(top, backing, progress)
+        with progress_bar(top.virtual_size, "committing") as bar:
+            commit(top, backing, bar.update)
         backing.close()
     except (VdiskError, OSError) as error:
         _close_quietly(backing)
         raise type(error)(f"cannot commit {args.overlay}: {_reason(error)}") from None
     finally:
         _close_quietly(top)
-        if progress is not None:
-            progress.finish()
 
     if not args.quiet:
         print("Image committed.")
@@ -100,8 +95,8 @@ def open_overlay_and_backing(overlay: str):
 def commit(top: Driver, backing: Driver, progress: Optional[ProgressCallback] = None) -> None:
     """Write every range that `top` maps itself into `backing`, then flush `backing`.
 
-    Blocks for as long as the copy takes. `progress(done, total)` is called with guest
-    bytes, in guest order.
+    Blocks for as long as the copy takes. `progress(done)` is called with the guest offset
+    up to which the copy is done.
     """
     total = top.virtual_size
     if backing.virtual_size < total:
@@ -113,7 +108,7 @@ def commit(top: Driver, backing: Driver, progress: Optional[ProgressCallback] = 
         elif run.kind is RunKind.ZERO:
             write_zeros(backing, run.guest_offset, run.length)
         if progress is not None:
-            progress(run.end, total)
+            progress(run.end)
     backing.flush()
 
 
@@ -124,7 +119,7 @@ def _copy_data(top: Driver, backing: Driver, run: Run, progress) -> None:
         backing.write(offset, top.read(offset, length))
         offset += length
         if progress is not None:
-            progress(offset, top.virtual_size)
+            progress(offset)
 
 
 def write_zeros(driver: Driver, offset: int, length: int) -> None:
@@ -140,30 +135,6 @@ def write_zeros(driver: Driver, offset: int, length: int) -> None:
         step = min(len(zeros), end - offset)
         driver.write(offset, zeros[:step])
         offset += step
-
-
-class ProgressBar:
-    """A one-line progress display like `qemu-img -p`, redrawn in place on a terminal."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.last_draw = 0.0
-        self.drawn = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last_draw < PROGRESS_INTERVAL and done < total:
-            return
-        self.last_draw = now
-        percent = 100.0 * done / total if total else 100.0
-        self.stream.write(f"\r    ({percent:.2f}/100%)")
-        self.stream.flush()
-        self.drawn = True
-
-    def finish(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _close_quietly(driver: Driver) -> None:
