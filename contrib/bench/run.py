@@ -68,6 +68,7 @@ class Sizes:
     """Workload sizes in bytes, and fio's time limit in seconds."""
 
     sequential: int
+    sequential_write: int
     compressed: int
     chain: int
     filesystem_disk: int
@@ -81,13 +82,14 @@ class Sizes:
     big_data: int
 
 
-FULL = Sizes(sequential=2 * GiB, compressed=1 * GiB, chain=1 * GiB, filesystem_disk=4 * GiB,
-             small_files=2000, small_file_size=8192, fio_runtime=5, rss_disk=100 * GiB,
-             rss_written=8 * GiB, rss_block=64 * 1024, big_disk=4 * TiB, big_data=1 * GiB)
+FULL = Sizes(sequential=2 * GiB, sequential_write=1 * GiB, compressed=1 * GiB, chain=1 * GiB,
+             filesystem_disk=4 * GiB, small_files=2000, small_file_size=8192, fio_runtime=5,
+             rss_disk=100 * GiB, rss_written=8 * GiB, rss_block=64 * 1024, big_disk=4 * TiB,
+             big_data=1 * GiB)
 
-QUICK = Sizes(sequential=256 * MiB, compressed=128 * MiB, chain=128 * MiB,
-              filesystem_disk=4 * GiB, small_files=500, small_file_size=8192, fio_runtime=2,
-              rss_disk=100 * GiB, rss_written=512 * MiB, rss_block=64 * 1024,
+QUICK = Sizes(sequential=256 * MiB, sequential_write=256 * MiB, compressed=128 * MiB,
+              chain=128 * MiB, filesystem_disk=4 * GiB, small_files=500, small_file_size=8192,
+              fio_runtime=2, rss_disk=100 * GiB, rss_written=512 * MiB, rss_block=64 * 1024,
               big_disk=4 * TiB, big_data=1 * GiB)
 
 
@@ -196,7 +198,7 @@ def write_pattern_file(path: Path, size: int) -> None:
     """Write `size` bytes in which every 64 KiB starts with 32 KiB of random bytes, then zeros.
 
     Every qcow2 cluster therefore contains data (the image is fully allocated), and zlib
-    compresses each cluster to about half, as with real disk content.
+    compresses each cluster to about half its size.
     """
     half = 32 * 1024
     zeros = bytes(half)
@@ -624,10 +626,11 @@ class Bench:
     # Write workloads
 
     def write_workload(self, systems: List[str]) -> None:
-        size = self.sizes.sequential
+        """Write sizes.sequential_write bytes into an empty image of sizes.sequential bytes."""
+        size = self.sizes.sequential_write
 
         def measure(system: System):
-            image = self.images.empty("sequential-write", size)
+            image = self.images.empty("sequential-write", self.sizes.sequential)
             os.sync()
             with system.expose(image, read_only=False) as exposed:
                 value = sequential_write(exposed.path, size, self.pool)
@@ -637,8 +640,9 @@ class Bench:
 
     def filesystem_workload(self, systems: List[str]) -> None:
         sizes = self.sizes
+        disk_gib = sizes.filesystem_disk // GiB
         mkfs = Result("mkfs.ext2", "s", False,
-                      note=f"on the exposed file of an empty {sizes.filesystem_disk // GiB} GiB image")
+                      note=f"on the exposed file of an empty {disk_gib} GiB image")
         files = Result(f"{sizes.small_files} small files via loop", "s", False,
                        note=f"{sizes.small_file_size} bytes each, then sync, umount and fsync")
         loop_mountpoint = self.work / "mnt-loop"
@@ -775,6 +779,8 @@ def machine_info(python: str) -> dict:
         "qcowmount": first_line(["qcowmount", "-V"]),
         "fio": first_line(["fio", "--version"]),
         "vdiskfs_commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "vdiskfs_uncommitted_changes": bool(run(["git", "-C", str(REPO), "status", "--porcelain",
+                                                 "--", "vdiskfs"]).stdout.strip()),
     }
 
 
@@ -873,8 +879,8 @@ def write_report(results: List[Result], out: Path) -> None:
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes: 256 MiB sequential images, 2 s fio runs, 512 MiB "
-                             "written into the 100 GiB image")
+                        help="small sizes: 256 MiB sequential images, 500 small files, "
+                             "2 s fio runs, 512 MiB written into the 100 GiB image")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for results.json, results.md and results.png "
                              "(default: ./bench-results)")
