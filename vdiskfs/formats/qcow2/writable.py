@@ -47,6 +47,7 @@ class WritableMixin:
         self.set_dirty_bit = False
         self.l2_cache.before_dirty_eviction = self.flush
         self.metadata_clusters = None
+        self.marking_corrupt = False
 
     # -- host file I/O ----------------------------------------------------------
 
@@ -178,11 +179,14 @@ class WritableMixin:
             error.source = source = self
         if source is not self or self.read_only or self.fd < 0:
             return
+        if getattr(self, "marking_corrupt", False):
+            return
+        self.marking_corrupt = True
 
         log.error("%s: damaged metadata found: %s; marking the image corrupt and serving it "
                   "read-only (run vdiskfs check)", self.filename, error)
         try:
-            self.flush()
+            self._write_cached_metadata()
         except (VdiskError, OSError) as flush_error:
             log.error("%s: flush before marking the image corrupt failed: %s",
                       self.filename, flush_error)
@@ -215,6 +219,13 @@ class WritableMixin:
     # -- flush ------------------------------------------------------------------
 
     def flush(self) -> None:
+        try:
+            self._write_cached_metadata()
+        except CorruptImageError as error:
+            self.corruption_found(error)
+            raise
+
+    def _write_cached_metadata(self) -> None:
         if self.read_only or self.fd < 0:
             return
         refcounts = self.refcounts
