@@ -190,3 +190,20 @@ def test_mount_serves_damaged_image(tmp_path, mountpoint):
         assert sum("marking the image corrupt" in line for line in errors) == 1
     assert corrupt_bit_set(image)
     assert struct.unpack(">Q", image.read_bytes()[72:80])[0] & INCOMPAT_CORRUPT
+
+
+def test_release_past_end_marks_corrupt(tmp_path):
+    # Without QCOW_OFLAG_COPIED, a write copies the cluster and releases the old one,
+    # whose refcount lies far past the end of the refcount table.
+    image = damaged_image(tmp_path, 0x00FF_FFFF_FFFF_F000, cluster_size=4 * KiB)
+    driver = open_chain(str(image), read_only=False)
+    try:
+        driver.write(DAMAGED, b"\x44" * (4 * KiB))
+        with pytest.raises(CorruptImageError, match="drop below 0"):
+            driver.flush()
+        assert driver.read_only
+    finally:
+        driver.close()
+    assert corrupt_bit_set(image)
+    assert image.stat().st_size < 2 * MiB
+

@@ -117,6 +117,11 @@ class Refcounts:
 
     def update(self, cluster_index: int, delta: int) -> None:
         """Add `delta` to the refcount of one cluster, allocating its refcount block if needed."""
+        if delta < 0 and self.get(cluster_index) + delta < 0:
+            # Checked before any block or table is allocated, because a damaged entry can
+            # name a cluster far past the end of the file.
+            raise CorruptImageError(
+                f"refcount of cluster {cluster_index << self.cluster_bits:#x} would drop below 0")
         table_index = cluster_index >> self.block_bits
         block_offset = self._block_for(table_index)
         block = self.blocks.get(block_offset)
