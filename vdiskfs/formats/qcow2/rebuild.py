@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from vdiskfs.errors import UnsupportedFeatureError
+from vdiskfs.errors import CorruptImageError, UnsupportedFeatureError
 from vdiskfs.formats.qcow2 import header as hdr
 from vdiskfs.formats.qcow2.mapping import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, \
     QCOW_OFLAG_COPIED
@@ -32,7 +32,15 @@ def count_references(driver) -> Counter:
     bits = header.cluster_bits
     counts: Counter = Counter()
 
+    file_size = driver.file_size()
+
     def reference(offset: int, length: int) -> None:
+        # Less than a cluster past the end is a last cluster written in part. Anything
+        # further is damage, and counting it would grow the refcount table without bound.
+        if offset + length - file_size >= driver.cluster_size:
+            raise CorruptImageError(
+                f"cannot rebuild refcounts: a table references {length} bytes at host offset "
+                f"{offset:#x}, past the end of the file ({file_size} bytes)")
         for index in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
             counts[index] += 1
 
