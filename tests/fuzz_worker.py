@@ -1,7 +1,9 @@
 """Open and read images under an address-space limit, for tests/test_fuzz.py.
 
-Run as `python fuzz_worker.py LIMIT_BYTES`. Each line on standard input names an image;
-the worker opens it read-only, reads its disk in chunks and prints one line:
+Run as `python fuzz_worker.py LIMIT_BYTES`. Each line on standard input is `ro PATH` or
+`rw PATH`. For `ro` the worker opens the image read-only and reads its disk in chunks; for
+`rw` it opens the image read-write, writes at a few offsets and flushes, where any
+VdiskError after the open is allowed. It prints one line:
 - `open-error <message>` when opening raised a VdiskError,
 - `ok <chunks read> <chunks that raised CorruptImageError>` after the reads and a run of
   the qcow2 checker,
@@ -12,6 +14,7 @@ passing unnoticed or exhausting the machine.
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import traceback
@@ -60,13 +63,42 @@ def check_image(path: str) -> str:
         driver.close()
 
 
+def write_image(path: str) -> str:
+    try:
+        driver = open_chain(path, read_only=False, cache_size=4 * 1024 * 1024)
+    except VdiskError as error:
+        return f"open-error {error}"
+    rejected = 0
+    try:
+        size = driver.virtual_size
+        for offset in (0, 5000, size // 2, max(0, size - CHUNK)):
+            if offset >= size:
+                continue  # the driver requires writes inside the disk
+            try:
+                driver.write(offset, b"\x42" * min(CHUNK, size - offset))
+            except VdiskError:
+                rejected += 1
+        try:
+            driver.flush()
+        except VdiskError:
+            rejected += 1
+    finally:
+        try:
+            driver.close()
+        except VdiskError:
+            rejected += 1
+    return f"ok 4 {rejected}"
+
+
 def main() -> None:
     limit = int(sys.argv[1])
+    # Damage is expected here, and the driver logs every corrupt image it marks.
+    logging.disable(logging.CRITICAL)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     for line in sys.stdin:
-        path = line.rstrip("\n")
+        mode, path = line.rstrip("\n").split(" ", 1)
         try:
-            answer = check_image(path)
+            answer = check_image(path) if mode == "ro" else write_image(path)
         except BaseException as error:  # every other exception is a finding of the fuzz test
             last = traceback.extract_tb(error.__traceback__)[-1]
             answer = (f"bug {type(error).__name__}: {error} "
