@@ -35,16 +35,16 @@ COPIED = 1 << 63
 
 
 def qemu_check(image: Path, *options: str) -> tuple:
-    """Return (exit status, JSON output or None) of `qemu-img check`."""
+    """Return (exit status, JSON output or None, messages) of `qemu-img check`."""
     result = qemu_img("check", "--output=json", *options, image, check=False)
     output = json.loads(result.stdout) if result.stdout.strip() else None
-    return result.returncode, output
+    return result.returncode, output, result.stderr.splitlines()
 
 
 def vdiskfs_check(image: Path, *options: str) -> tuple:
     result = vdiskfs("check", "--output", "json", *options, image, check=False)
     output = json.loads(result.stdout) if result.stdout.strip() else None
-    return result.returncode, output
+    return result.returncode, output, result.stderr.splitlines()
 
 
 def without_names(output):
@@ -56,10 +56,12 @@ def without_names(output):
 def assert_same_as_qemu(image: Path) -> tuple:
     # QEMU 7.2 looks up a relative external data file name in its working directory.
     with working_directory(image.parent):
-        qemu_status, qemu_output = qemu_check(image)
-    status, output = vdiskfs_check(image)
+        qemu_status, qemu_output, qemu_messages = qemu_check(image)
+    status, output, messages = vdiskfs_check(image)
     assert status == qemu_status
     assert without_names(output) == without_names(qemu_output)
+    if qemu_status != 1:
+        assert messages == qemu_messages
     return status, output
 
 

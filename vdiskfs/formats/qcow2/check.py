@@ -398,6 +398,8 @@ class Qcow2Checker:
             if refcount == 0:
                 state.needs_rebuild = True
             state.mismatches.append(_Mismatch(index, refcount, reference))
+            word = "ERROR" if refcount < reference else "Leaked"
+            self.report(f"{word} cluster {index} refcount={refcount} reference={reference}")
             if refcount < reference:
                 result.corruptions += 1
             else:
