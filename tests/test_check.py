@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import qemu_img, qemu_io, vdiskfs
+from helpers import mounted, needs_fuse, qemu_img, qemu_io, vdiskfs
 from images import (
     KiB,
     MiB,
@@ -264,3 +264,14 @@ def test_unreadable_image_exits_1(tmp_path):
     result = vdiskfs("check", image, check=False)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_fuse
+def test_repair_of_mounted_image_rejected(tmp_path, mountpoint):
+    image = data_image(tmp_path)
+    with mounted(image, mountpoint):
+        result = vdiskfs("check", "--repair", "all", image, check=False)
+        assert result.returncode == 1
+        assert "lock" in result.stderr
+        assert vdiskfs("check", image, check=False).returncode == 1
+        assert vdiskfs("check", "-U", image, check=False).returncode == 0

@@ -13,6 +13,7 @@ import sys
 from vdiskfs.errors import VdiskError
 from vdiskfs.formats.qcow2 import Qcow2Driver
 from vdiskfs.formats.qcow2.check import REPAIR_MODES, Qcow2Checker, describe_repair
+from vdiskfs.locking import acquire_image_lock, lock_mode
 from vdiskfs.registry import DEFAULT_CACHE_SIZE, open_image, probe_format
 
 HELP = "check an image's metadata for corruptions and leaked clusters, and repair them"
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image format (qcow2 or raw); probed when omitted")
     parser.add_argument("-r", "--repair", choices=sorted(REPAIR_MODES),
                         help="repair leaked clusters only (leaks), or every error found (all)")
+    parser.add_argument("-U", "--force-share", action="store_true",
+                        help="check an image that a writer holds, as `qemu-img check -U` does; "
+                             "the result may show errors that the writer is in the middle of")
     parser.add_argument("--output", choices=("human", "json"), default="human",
                         help="summary format; json uses the keys of `qemu-img check --output=json`")
     parser.epilog = EPILOG
@@ -50,11 +54,17 @@ def run(args: argparse.Namespace) -> int:
     def report(line: str) -> None:
         print(line, file=sys.stderr)
 
+    if args.repair and args.force_share:
+        print("vdiskfs: --force-share cannot be used with --repair, because a repair writes",
+              file=sys.stderr)
+        return 1
+
     try:
         if args.repair:
             driver = open_for_repair(args.image)
         else:
-            driver = open_image(args.image, "qcow2", read_only=True)
+            driver = open_image(args.image, "qcow2", read_only=True,
+                                force_share=args.force_share)
     except (VdiskError, OSError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         print(f"vdiskfs: cannot open {args.image}: {reason}", file=sys.stderr)
@@ -86,10 +96,19 @@ def open_for_repair(filename: str) -> Qcow2Driver:
     """Open a qcow2 image read-write as found, for the checker to repair.
 
     A normal read-write open rebuilds the refcounts of a dirty image and serves an image
-    marked corrupt read-only; the repair must see and fix the image as it is, so the image
-    is opened read-only and then switched to read-write by hand.
+    marked corrupt read-only. The repair must see and fix the image as it is, so the image
+    is opened read-only and then switched to read-write by hand. The image is locked for
+    writing first, as a read-write open_image() would lock it, so that no mount or QEMU
+    process writes it during the repair.
     """
-    driver = Qcow2Driver.open(filename, read_only=True, cache_size=DEFAULT_CACHE_SIZE)
+    image_lock = acquire_image_lock(filename, lock_mode(read_only=False))
+    try:
+        driver = Qcow2Driver.open(filename, read_only=True, cache_size=DEFAULT_CACHE_SIZE)
+    except BaseException:
+        if image_lock is not None:
+            image_lock.release()
+        raise
+    driver.image_lock = image_lock
     try:
         data_file_fd = driver.data_file_fd
         driver._reopen_read_write()
