@@ -5,7 +5,7 @@ patterns through the mount with an fsync after every few writes, kills the daemo
 SIGKILL at a random moment and removes the dead mount. Then qemu-img check must find no
 corruption (leaked clusters are allowed), every write that a completed fsync covered
 must read back, and a new mount must work. Rounds run on 4 KiB and 64 KiB clusters,
-with and without a backing file and an internal snapshot.
+with and without a backing file and an internal snapshot, and over compressed clusters.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from helpers import mounted, needs_fuse, qemu_img, qemu_io, vdiskfs
 from images import KiB, MiB, create_qcow2, pattern_bytes
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-DISK_SIZE = 16 * MiB
+DISK_SIZE = 8 * MiB
 ROUNDS_PER_CONFIG = 4
 # More writes than the writer completes before the kill, so that the kill hits it busy.
 WRITES_PER_ROUND = 5000
 SYNC_EVERY = 5
 # The daemon is killed this many seconds after the writer starts. The lower bound leaves
 # the writer's interpreter time to start, so that most kills hit it writing.
-KILL_AFTER = (0.15, 0.9)
+KILL_AFTER = (0.15, 0.6)
 MOUNT_TIMEOUT = 20
 
 # The writer child: reads its writes from a JSON file, prints the count of writes that a
@@ -63,6 +63,7 @@ class CrashConfig:
     cluster_size: int
     backing: bool
     snapshot: bool
+    compressed: bool = False
 
 
 CONFIGS = [
@@ -71,6 +72,7 @@ CONFIGS = [
     CrashConfig("4k-backing", 4 * KiB, backing=True, snapshot=False),
     CrashConfig("64k-snapshot", 64 * KiB, backing=False, snapshot=True),
     CrashConfig("4k-backing-snapshot", 4 * KiB, backing=True, snapshot=True),
+    CrashConfig("4k-compressed", 4 * KiB, backing=False, snapshot=False, compressed=True),
 ]
 
 
@@ -89,9 +91,15 @@ def build_image(directory: Path, config: CrashConfig) -> Path:
         qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", directory / "base.raw", base)
         image = create_qcow2(directory / "disk.qcow2", DISK_SIZE, *options,
                              backing="base.qcow2", backing_format="qcow2")
+    elif config.compressed:
+        (directory / "data.raw").write_bytes(pattern_bytes(DISK_SIZE, seed=4))
+        image = directory / "disk.qcow2"
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", ",".join(options),
+                 directory / "data.raw", image)
     else:
         image = create_qcow2(directory / "disk.qcow2", DISK_SIZE, *options)
-    qemu_io(image, f"write -P 0x21 0 {DISK_SIZE // 2}")
+    if not config.compressed:
+        qemu_io(image, f"write -P 0x21 0 {DISK_SIZE // 2}")
     if config.snapshot:
         qemu_img("snapshot", "-c", "before", image)
     return image
