@@ -196,7 +196,7 @@ class Qcow2Checker:
         state, _ = self._check()
         return state.result
 
-    def _check(self):
+    def _check(self, copied_flags: bool = True):
         driver = self.driver
         result = CheckResult(filename=driver.filename)
         state = _State(result)
@@ -224,7 +224,8 @@ class Qcow2Checker:
         self._check_refcount_blocks(state, reftable, file_clusters)
 
         highest = self._compare(state, stored, max(len(state.references), file_clusters))
-        self._check_copied_flags(state, stored, repair=False)
+        if copied_flags:
+            self._check_copied_flags(state, stored, repair=False)
         result.image_end_offset = (highest + 1) * self.cluster_size
         return state, stored
 
@@ -476,10 +477,8 @@ class Qcow2Checker:
         alone the repair stops with a check error, as `qemu-img check -r leaks` does.
         """
         driver = self.driver
-        state, _ = self._check()
+        state, stored = self._check(copied_flags=False)
         first = state.result
-        if not (first.corruptions or first.leaks):
-            return first
         if state.needs_rebuild and not fix & FIX_ERRORS:
             self.report("ERROR need to rebuild refcount structures")
             first.check_errors += 1
@@ -500,11 +499,18 @@ class Qcow2Checker:
                 fixed.corruptions_fixed += 1
         driver.flush()
 
+        # Like qemu-img, compare QCOW_OFLAG_COPIED only after the refcounts are repaired,
+        # looking them up through the driver, which now contains the repaired ones.
         if fix & FIX_ERRORS:
-            # Look the refcounts up through the driver, which now contains the repaired ones.
             self._check_copied_flags(_State(fixed), refcounts, repair=True)
             driver.flush()
+        else:
+            self._check_copied_flags(state, refcounts, repair=False)
 
+        if not (fixed.leaks_fixed or fixed.corruptions_fixed):
+            if not (first.corruptions or first.check_errors):
+                self._mark_clean()
+            return first
         second = self._check()[0].result
         if not (second.corruptions or second.check_errors):
             self._mark_clean()
