@@ -9,7 +9,7 @@ crash at any point:
    clusters any more.
 
 Damage met while serving (a CorruptImageError from this layer's own metadata) marks the
-image corrupt, as QEMU does: corruption_found() flushes what is cached, sets the corrupt
+image corrupt, as QEMU does. corruption_found() flushes what is cached, sets the corrupt
 bit and switches the driver to read-only, so no write can build on damaged tables.
 """
 
