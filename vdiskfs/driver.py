@@ -99,7 +99,7 @@ class Driver(abc.ABC):
     def attach_backing(self, backing: "Driver") -> None:
         self.backing = backing
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Return up to `length` bytes from guest `offset`, short at the end of the disk."""
         if offset >= self.virtual_size or length <= 0:
             return b""
@@ -107,7 +107,8 @@ class Driver(abc.ABC):
 
         buffer = bytearray(length)
         self.read_into(offset, memoryview(buffer))
-        return bytes(buffer)
+        # pyfuse3 accepts any bytes-like object, so the buffer goes out without a copy.
+        return buffer
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill `view` with guest data from `offset`; the range must lie inside the disk."""

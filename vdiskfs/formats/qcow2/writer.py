@@ -35,7 +35,6 @@ class ClusterWriter:
         self.data_file_raw = driver.data_file_raw
         self.zero_clusters = driver.header.version >= 3 and not self.data_file_raw
         self.zero_cluster_bytes = bytes(self.cluster_size)
-        self.zero_view = memoryview(self.zero_cluster_bytes)
 
     # -- L2 tables ------------------------------------------------------------
 
@@ -110,7 +109,7 @@ class ClusterWriter:
 
     def write_cluster(self, cluster_index: int, in_cluster: int, chunk: memoryview) -> None:
         whole = in_cluster == 0 and len(chunk) == self.cluster_size
-        if whole and self.zero_clusters and chunk == self.zero_cluster_bytes:
+        if whole and self.zero_clusters and self.zero_cluster_bytes.startswith(chunk):
             self.zero_cluster(cluster_index)
             return
         if self._zeros_already(cluster_index, chunk):
@@ -163,7 +162,8 @@ class ClusterWriter:
         entry, bitmap = self.mapper.l2_entry(cluster_index)
         if entry or bitmap:
             return False
-        return chunk == self.zero_view[:len(chunk)]
+        # bytes.startswith compares with memcmp; memoryview == bytes goes item by item.
+        return self.zero_cluster_bytes.startswith(chunk)
 
     def allocate_data_cluster(self, guest_cluster: int) -> int:
         if self.has_data_file:
