@@ -166,6 +166,7 @@ class DiskOperations(pyfuse3.Operations):
         self._by_inode: Dict[int, ExportedFile] = {}
         self._by_name: Dict[bytes, ExportedFile] = {}
         self._errors = ErrorLog()
+        self.after_init: Optional[Callable[[], None]] = None
         # Checked once: the read/write path logs nothing unless debug logging is on.
         self._trace = log.isEnabledFor(logging.DEBUG)
 
@@ -191,6 +192,11 @@ class DiskOperations(pyfuse3.Operations):
         self._next_inode = first_inode + len(self.files)
         for disk in list(self.files) if partitions else []:
             self.refresh_partitions(disk)
+
+    def init(self) -> None:
+        """Run `after_init` once the kernel and libfuse have agreed on the FUSE_INIT settings."""
+        if self.after_init is not None:
+            self.after_init()
 
     def close(self) -> bool:
         """Close (and so flush) every driver; return False when any of them failed."""
