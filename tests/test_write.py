@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import struct
 import subprocess
 from pathlib import Path
@@ -399,3 +400,48 @@ def test_freed_clusters_reused_first(tmp_path):
     assert check.returncode == 0, check.stdout
     assert "leaked" not in check.stdout
     qemu_io(image, "read -P 0 0 1M", f"read -P 0x22 {32 * MiB} 1M")
+
+
+@needs_fuse
+@pytest.mark.parametrize("cluster_size", ["4k", "64k"])
+def test_writeback_cache_mount(cluster_size, tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", image, "16M")
+    expected = bytearray(16 * MiB)
+    rng = random.Random(5)
+
+    with mounted(image, tmp_path / "mnt", "--writeback-cache") as exposed:
+        fd = os.open(exposed, os.O_RDWR)
+        try:
+            for index in range(300):
+                offset = rng.randrange(16 * MiB - 8192)
+                data = bytes([rng.randrange(256)]) * rng.randint(1, 8192)
+                pwrite_all(fd, data, offset)
+                expected[offset:offset + len(data)] = data
+                if index == 150:
+                    os.fsync(fd)
+                    assert_image_matches_without_unmount(image, exposed)
+        finally:
+            os.close(fd)
+        assert exposed.read_bytes() == bytes(expected)
+
+    assert_image_matches(image, bytes(expected), tmp_path)
+
+
+def assert_image_matches_without_unmount(image: Path, exposed: Path) -> None:
+    # After fsync the image file itself must contain what the mount shows.
+    check = qemu_img("check", "-U", image, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    converted = image.parent / "during.raw"
+    qemu_img("convert", "-U", "-O", "raw", image, converted)
+    assert converted.read_bytes() == exposed.read_bytes()
+
+
+@needs_fuse
+def test_writeback_cache_rejects_partitions(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "16M")
+    (tmp_path / "mnt").mkdir()
+    result = vdiskfs("mount", "--writeback-cache", "--partitions", image, tmp_path / "mnt", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vdiskfs: --writeback-cache cannot be combined with --partitions"

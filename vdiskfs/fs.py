@@ -151,14 +151,18 @@ class DiskOperations(pyfuse3.Operations):
 
     def __init__(self, exports: Sequence[Tuple[str, Driver]], *, uid: Optional[int] = None,
                  gid: Optional[int] = None, root_is_file: bool = False,
-                 partitions: bool = False) -> None:
+                 partitions: bool = False, writeback_cache: bool = False) -> None:
         """Export each (name, driver) pair as a raw file owned by uid:gid.
+
+        With writeback_cache, the kernel collects writes in its page cache and sends them in
+        large batches; fsync() and close() still send every dirty page before they return.
 
         uid and gid default to those of this process, the mounting user. With root_is_file,
         the only exported disk is the root inode itself, for a mount on a regular file. With
         partitions, each partition of each disk also appears as NAME-partN.raw.
         """
         super().__init__()
+        self.enable_writeback_cache = writeback_cache
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.mount_time_ns = time.time_ns()

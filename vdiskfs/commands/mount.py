@@ -88,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="like --overlay, with a new file in $TMPDIR (else /tmp) that is "
                               "removed at unmount, so the writes are discarded")
 
+    parser.add_argument("--writeback-cache", action="store_true",
+                        help="let the kernel cache writes and send them in large batches, "
+                             "which speeds up small random writes; fsync() and close() still "
+                             "reach the image before they return (not with --partitions)")
     parser.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                         help="memory for cached image metadata, in bytes with an optional "
                              f"K, M or G suffix (default: {format_size(DEFAULT_CACHE_SIZE)})")
@@ -114,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.partitions and on_file:
         raise MountError(f"--partitions needs a directory to show the partition files in, "
                          f"but {args.mountpoint} is a file")
+    if args.partitions and args.writeback_cache:
+        # Partition files bypass the page cache, so they would miss writes cached for the disk.
+        raise MountError("--writeback-cache cannot be combined with --partitions")
     extra_options = split_options(args.fuse_options)
     # `-o ro` alone would make the kernel reject writes, so open the image read-only to match.
     read_only = args.read_only or "ro" in extra_options or args.snapshot is not None
@@ -136,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             drivers.append(open_image(image, args.format_name, read_only, args.cache_size,
                                       force_share=args.force_share))
         operations = DiskOperations(list(zip(names, drivers)), root_is_file=on_file,
-                                    partitions=args.partitions)
+                                    partitions=args.partitions,
+                                    writeback_cache=args.writeback_cache and not read_only)
     except BaseException:
         for opened in drivers:
             opened.close()
