@@ -33,7 +33,8 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
+    """Build the parser with the subcommands in `commands`, importing only their modules."""
     parser = argparse.ArgumentParser(
         prog="vdiskfs",
         description="Expose qcow2 and raw disk images as flat raw files through FUSE.",
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vdiskfs {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in commands:
         module = importlib.import_module(f"vdiskfs.commands.{name}")
         subparser = subparsers.add_parser(
             name, help=module.HELP, description=module.HELP,
@@ -59,7 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if mounthelper.is_helper_call(arguments, COMMANDS):
         # fuse3's mount.fuse3 runs `vdiskfs IMAGE MOUNTPOINT -o OPTIONS` for fuse.vdiskfs.
         return mounthelper.main(arguments, prog="vdiskfs")
-    parser = build_parser()
+    # Importing every command costs time that a mount should not spend (pyfuse3 and trio are
+    # needed by mount alone), so a known command builds a parser with just that command.
+    if arguments and arguments[0] in COMMANDS:
+        parser = build_parser([arguments[0]])
+    else:
+        parser = build_parser()
     args = parser.parse_args(arguments)
 
     logging.basicConfig(
