@@ -275,3 +275,12 @@ def test_repair_of_mounted_image_rejected(tmp_path, mountpoint):
         assert "lock" in result.stderr
         assert vdiskfs("check", image, check=False).returncode == 1
         assert vdiskfs("check", "-U", image, check=False).returncode == 0
+
+
+def test_image_with_bitmaps_not_checked(tmp_path):
+    image = data_image(tmp_path)
+    qemu_img("bitmap", "--add", image, "dirty-tracking")
+    result = vdiskfs("check", image, check=False)
+    assert result.returncode == 1
+    assert "persistent bitmaps is not supported" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
