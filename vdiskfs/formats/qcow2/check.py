@@ -12,18 +12,19 @@ Every table is read with pread and never through the driver's caches, so damaged
 are reported instead of raised. References to clusters more than one cluster past the end
 of the file are reported and not counted, which bounds the counting array by the file size.
 
-Caveats: the bitmap directory and bitmap tables are not walked, so images with persistent
-bitmaps are rejected.
+Persistent bitmaps count as QEMU counts them: the bitmap directory, each bitmap table and
+each cluster a table entry names, when the bitmaps autoclear bit is set.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from array import array
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from vdiskfs.errors import CorruptImageError, UnsupportedFeatureError
+from vdiskfs.errors import CorruptImageError
 from vdiskfs.formats.qcow2 import header as hdr
 from vdiskfs.formats.qcow2.cache import decode_table
 from vdiskfs.formats.qcow2.mapping import (
@@ -37,6 +38,14 @@ from vdiskfs.hostfile import pread_exact
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 REFTABLE_RESERVED_MASK = 0x1FF
+
+# Bitmap directory entry: bitmap_table_offset, bitmap_table_size, flags, type,
+# granularity_bits, name_size, extra_data_size; then extra data and name, padded to 8.
+BITMAP_DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
+BITMAP_EXTENSION = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size and offset
+BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+# QEMU's limit on the bitmap directory, which bounds what the check reads.
+MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024
 
 # The references counted per cluster are stored in 32 bits.
 MAX_REFERENCES = 0xFFFFFFFF
@@ -172,9 +181,6 @@ class Qcow2Checker:
     """One check, and optionally one repair, of an open Qcow2Driver."""
 
     def __init__(self, driver, report: Callable[[str], None]) -> None:
-        if driver.header.has_bitmaps_extension:
-            raise UnsupportedFeatureError(
-                f"{driver.filename}: checking images with persistent bitmaps is not supported")
         self.driver = driver
         self.report = report
         self.header = driver.header
@@ -221,6 +227,7 @@ class Qcow2Checker:
             self._count(state, self.header.snapshots_offset, snapshot_table_length(driver.snapshots))
         self._count(state, self.header.refcount_table_offset,
                     self.header.refcount_table_clusters * self.cluster_size)
+        self._count_bitmaps(state)
         self._check_refcount_blocks(state, reftable, file_clusters)
 
         highest = self._compare(state, stored, max(len(state.references), file_clusters))
@@ -349,6 +356,43 @@ class Qcow2Checker:
         offset = descriptor & self.coffset_mask
         sectors = ((descriptor >> self.csize_shift) & self.csize_mask) + 1
         return offset, sectors * SECTOR_SIZE - (offset & (SECTOR_SIZE - 1))
+
+    def _count_bitmaps(self, state: _State) -> None:
+        """Count the bitmap directory, the bitmap tables and the clusters they name."""
+        header = self.header
+        if not header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return  # QEMU ignores a bitmaps extension whose autoclear bit is clear
+        extension = next((data for kind, data in header.unknown_extensions
+                          if kind == hdr.EXT_BITMAPS), None)
+        if extension is None or len(extension) < BITMAP_EXTENSION.size:
+            return
+        count, _, directory_size, directory_offset = BITMAP_EXTENSION.unpack_from(extension)
+        if not count:
+            return
+        self._count(state, directory_offset, directory_size)
+        if (directory_size > MAX_BITMAP_DIRECTORY_SIZE
+                or directory_offset + directory_size > self.file_size):
+            self.report(f"ERROR bitmap directory at {directory_offset:#x} ({directory_size} "
+                        f"bytes) is invalid")
+            state.result.corruptions += 1
+            return
+
+        directory = pread_exact(self.driver.fd, directory_size, directory_offset)
+        position = 0
+        for _ in range(count):
+            if position + BITMAP_DIRECTORY_ENTRY.size > len(directory):
+                self.report("ERROR bitmap directory is truncated")
+                state.result.corruptions += 1
+                return
+            (table_offset, table_size, _, _, _, name_size,
+             extra_size) = BITMAP_DIRECTORY_ENTRY.unpack_from(directory, position)
+            position += (BITMAP_DIRECTORY_ENTRY.size + extra_size + name_size + 7) & ~7
+            self._count(state, table_offset, table_size * 8)
+            if table_offset + table_size * 8 > self.file_size:
+                continue  # reported by _count as past the end of the file
+            for entry in self._read_table(table_offset, table_size * 8):
+                if entry & BITMAP_TABLE_OFFSET_MASK:
+                    self._count(state, entry & BITMAP_TABLE_OFFSET_MASK, self.cluster_size)
 
     def _check_refcount_blocks(self, state: _State, reftable, file_clusters: int) -> None:
         result = state.result
