@@ -191,6 +191,10 @@ class Refcounts:
             index += 1
         if run_length == 0:
             run_start = max(self.end_cluster, self.free_hint)
+        # Clusters past the end of the file can still have refcounts (a truncated image, or
+        # a refcount block that covers more than the file), and those are in use.
+        while any(self.get(candidate) for candidate in range(run_start, run_start + count)):
+            run_start += 1
         self.free_hint = run_start + count
         return run_start
 
