@@ -18,7 +18,7 @@ from vdiskfs.formats.qcow2.cache import TableCache, decode_table
 from vdiskfs.formats.qcow2.compression import decompress_cluster
 from vdiskfs.formats.qcow2.header import Qcow2Header, parse_header
 from vdiskfs.formats.qcow2.mapping import Mapper
-from vdiskfs.formats.qcow2.snapshot import read_snapshot_table, snapshot_fields
+from vdiskfs.formats.qcow2.snapshot import read_snapshot_table, snapshot_fields, snapshot_table_length
 from vdiskfs.formats.qcow2.snapshot_ops import SnapshotError, find_snapshot, read_snapshot_l1
 from vdiskfs.formats.qcow2.rebuild import repair_dirty_image
 from vdiskfs.formats.qcow2.writable import WritableMixin
@@ -56,6 +56,7 @@ class Qcow2Driver(WritableMixin, Driver):
         self.l2_cache = TableCache(fd, self.cluster_size, cache_size, self._validate_l2_offset)
         self.l1_table = self._read_l1_table(self.header.l1_table_offset, self.header.l1_size)
         self.snapshots = read_snapshot_table(fd, self.header, self._file_size)
+        self.snapshot_table_bytes = snapshot_table_length(self.snapshots)
         self.mapper = Mapper(self, self.l1_table)
         self._decompressed: "OrderedDict[int, bytes]" = OrderedDict()
         self._decompressed_capacity = max(1, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
@@ -139,6 +140,33 @@ class Qcow2Driver(WritableMixin, Driver):
 
     def file_size(self) -> int:
         return self._file_size
+
+    def metadata_at(self, host_offset: int) -> Optional[str]:
+        """Name the fixed metadata area (header, L1, refcount or snapshot table) at `host_offset`.
+
+        A data cluster there means a damaged L2 entry; writing it would destroy the table.
+        L2 tables and refcount blocks are not checked, because they are spread over the file.
+        """
+        if host_offset < self.cluster_size:
+            return "image header"
+        header = self.header
+        refcounts = getattr(self, "refcounts", None)
+        if refcounts is not None:
+            reftable = (refcounts.table_offset, refcounts.table_clusters * self.cluster_size)
+        else:
+            reftable = (header.refcount_table_offset,
+                        header.refcount_table_clusters * self.cluster_size)
+        areas = (
+            ("active L1 table", header.l1_table_offset, header.l1_size * 8),
+            ("refcount table", *reftable),
+            ("snapshot table", header.snapshots_offset, self.snapshot_table_bytes),
+        )
+        mask = self.cluster_size - 1
+        for name, start, length in areas:
+            # A table owns every cluster it touches, including the rest of its last one.
+            if length and start <= host_offset < (start + length + mask) & ~mask:
+                return name
+        return None
 
     # -- reading --------------------------------------------------------------
 

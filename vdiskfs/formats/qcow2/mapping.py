@@ -179,6 +179,11 @@ class Mapper:
             raise CorruptImageError(
                 f"data cluster offset {host_cluster:#x} for guest offset {guest_cluster:#x} lies "
                 f"outside the image file")
+        metadata = self.driver.metadata_at(host_cluster)
+        if metadata is not None:
+            raise CorruptImageError(
+                f"data cluster offset {host_cluster:#x} for guest offset {guest_cluster:#x} "
+                f"overlaps the {metadata}")
 
 
 def _can_merge(pending: Run, run: Run) -> bool:

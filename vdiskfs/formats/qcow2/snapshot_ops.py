@@ -126,6 +126,7 @@ def _write_snapshot_table(driver, snapshots: List[Snapshot]) -> None:
     if driver.snapshots and old_length:
         driver.refcounts.release_later(old_offset, old_length)
     driver.snapshots = snapshots
+    driver.snapshot_table_bytes = len(data)
 
 
 def create_snapshot(driver, name: str, vm_clock_nsec: int = 0) -> Snapshot:
