@@ -28,10 +28,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
 
 
+def mountpoint_path(path: str) -> str:
+    """Return the real path of `path` without stat() of `path` itself when possible.
+
+    stat() of a FUSE mount point waits for its daemon, so a stopped or hung daemon would
+    hang umount in the kernel. Only the parent directory is resolved; the full path is
+    resolved only when the name itself is not in the mount table (a symbolic link).
+    """
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    if name:
+        candidate = os.path.join(os.path.realpath(parent), name)
+        if daemon.find_mount(candidate) is not None:
+            return candidate
+    return os.path.realpath(path)
+
+
 def run(args: argparse.Namespace) -> int:
-    real_path = os.path.realpath(args.mountpoint)
+    real_path = mountpoint_path(args.mountpoint)
     entry = daemon.find_mount(real_path)
     if entry is None:
+        if not os.path.lexists(real_path):
+            raise MountError(f"cannot unmount {args.mountpoint}: no such file or directory")
         raise MountError(f"cannot unmount {args.mountpoint}: not mounted")
     if entry.fstype != FUSE_FSTYPE:
         raise MountError(f"cannot unmount {args.mountpoint}: not a vdiskfs mount "
