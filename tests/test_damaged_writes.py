@@ -102,3 +102,19 @@ def test_l2_entry_at_refcount_table(tmp_path):
 
     assert Path(image).read_bytes()[refcount_table:refcount_table + CLUSTER] == table_before
     assert header_u64(image, 72) & 2, "the corrupt bit is set"
+
+
+def test_odd_virtual_size_rounded_like_qemu(tmp_path):
+    from vdiskfs.registry import open_chain
+
+    image = tmp_path / "odd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1M")
+    with open(image, "r+b") as stream:
+        stream.seek(24)
+        stream.write(struct.pack(">Q", 1000001))
+    driver = open_chain(str(image))
+    try:
+        assert driver.virtual_size == json.loads(
+            qemu_img("info", "--output=json", image).stdout)["virtual-size"]
+    finally:
+        driver.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -76,6 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`vdiskfs map IMAGE | head`): stop quietly, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (VdiskError, OSError) as error:
         if args.debug:
             raise
