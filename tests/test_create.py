@@ -536,6 +536,11 @@ def test_create_rejects_backing_as_image(tmp_path: Path) -> None:
                         "invalid backing_file disk.img: it is the image being created")
 
 
+def test_create_unsafe_rejects_backing_as_image(tmp_path: Path) -> None:
+    assert_create_fails(tmp_path, ["-f", "qcow2", "-u", "-b", "disk.img", "-F", "qcow2"], "1G",
+                        "invalid backing_file disk.img: it is the image being created")
+
+
 def test_create_rejects_wrong_backing_format(tmp_path: Path) -> None:
     (tmp_path / "base.raw").write_bytes(bytes(MiB))
     result = vdiskfs("create", "-f", "qcow2", "-b", "base.raw", "-F", "qcow2",

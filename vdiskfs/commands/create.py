@@ -110,6 +110,12 @@ def create_image(args: argparse.Namespace, values: Dict[str, str]) -> None:
     elif backing_file is not None and backing_fmt is None:
         raise InvalidOptionError(
             "missing backing_fmt: -u does not open the backing file, so give its format with -F")
+    elif backing_file is not None:
+        # -u opens nothing, but an image that names itself can never be opened.
+        path = resolve_backing_path(args.image, backing_file)
+        if os.path.abspath(path) == os.path.abspath(args.image):
+            raise InvalidOptionError(
+                f"invalid backing_file {backing_file}: it is the image being created")
 
     if "size" not in options:
         raise InvalidOptionError("missing size: give SIZE, or a backing file to take it from")
