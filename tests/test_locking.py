@@ -259,3 +259,52 @@ def test_commit_fails_while_qemu_reads_backing(tmp_path, image):
     assert f"cannot open backing file {image} of {overlay} for writing" in result.stderr
     assert f"(pid {process.pid})" in result.stderr
     vdiskfs("commit", "-q", overlay)
+
+
+@contextlib.contextmanager
+def storage_daemon_holding(path: Path) -> Iterator[subprocess.Popen]:
+    """Run qemu-storage-daemon with `path` open read-write, as a VM's disk would be."""
+    process = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=file0,filename={path}",
+         "--blockdev", "driver=qcow2,node-name=disk0,file=file0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not locked_bytes(path, process.pid):
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "qemu-storage-daemon took no lock"
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=START_TIMEOUT)
+
+
+@needs_fuse
+@pytest.mark.skipif(not os.path.exists("/usr/bin/qemu-storage-daemon"),
+                    reason="qemu-storage-daemon is missing (Debian package qemu-system-common)")
+def test_mount_fails_while_storage_daemon_writes(image, mountpoint):
+    with storage_daemon_holding(image) as process:
+        result = vdiskfs("mount", image, mountpoint, check=False)
+        assert result.returncode == 1
+        assert result.stderr == (f"vdiskfs: cannot open {image}: the image is locked for "
+                                 f"writing by another process (pid {process.pid})\n")
+        assert not os.path.ismount(mountpoint)
+
+        with mounted(image, mountpoint, "--read-only", "--force-share") as exposed:
+            assert within(os.path.getsize, exposed) > 0
+
+
+@needs_fuse
+@pytest.mark.skipif(not os.path.exists("/usr/bin/qemu-storage-daemon"),
+                    reason="qemu-storage-daemon is missing (Debian package qemu-system-common)")
+def test_storage_daemon_fails_while_mounted(image, mountpoint):
+    with mounted(image, mountpoint):
+        result = subprocess.run(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver=file,node-name=file0,filename={image}",
+             "--blockdev", "driver=qcow2,node-name=disk0,file=file0"],
+            capture_output=True, text=True, timeout=START_TIMEOUT)
+    assert result.returncode != 0
+    assert QEMU_WRITE_LOCK_ERROR in result.stderr
