@@ -159,14 +159,19 @@ def create_snapshot(driver, name: str, vm_clock_nsec: int = 0) -> Snapshot:
     return snapshot
 
 
-def delete_snapshot(driver, name_or_id: str) -> Snapshot:
-    """Delete a snapshot and free what only it referenced, as `qemu-img snapshot -d` does."""
+def _prepare_change(driver, name_or_id: str) -> int:
+    """Check that the image is writable, flush it, and return the snapshot's index."""
     driver.require_writable()
     index = find_snapshot(driver, name_or_id)
     if index is None:
         raise SnapshotError("not found")
     driver.flush()
+    return index
 
+
+def delete_snapshot(driver, name_or_id: str) -> Snapshot:
+    """Delete a snapshot and free what only it referenced, as `qemu-img snapshot -d` does."""
+    index = _prepare_change(driver, name_or_id)
     snapshot = driver.snapshots[index]
     l1_table = read_snapshot_l1(driver, snapshot)
     remaining = driver.snapshots[:index] + driver.snapshots[index + 1:]
@@ -183,12 +188,7 @@ def delete_snapshot(driver, name_or_id: str) -> Snapshot:
 
 def apply_snapshot(driver, name_or_id: str) -> Snapshot:
     """Make a snapshot's content the active layer again, as `qemu-img snapshot -a` does."""
-    driver.require_writable()
-    index = find_snapshot(driver, name_or_id)
-    if index is None:
-        raise SnapshotError("not found")
-    driver.flush()
-
+    index = _prepare_change(driver, name_or_id)
     snapshot = driver.snapshots[index]
     new_l1 = read_snapshot_l1(driver, snapshot)
     if snapshot.disk_size > driver.virtual_size or len(new_l1) > len(driver.l1_table):
