@@ -147,7 +147,7 @@ def request_snapshot(mountpoint: str, *, list_only: bool = False, create: Option
                 break
             data += chunk
     except socket.timeout:
-        raise VdiskError(f"the vdiskfs daemon of {mountpoint} did not answer in "
+        raise VdiskError(f"the vdiskfs daemon of {mountpoint} did not respond within "
                          f"{CLIENT_TIMEOUT} s") from None
     finally:
         client.close()

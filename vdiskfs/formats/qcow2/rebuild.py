@@ -111,9 +111,9 @@ def fix_copied_flags(driver) -> None:
         l2_offset = l1_entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
-        wanted = l2_offset | (QCOW_OFLAG_COPIED if refcounts.get(l2_offset >> bits) == 1 else 0)
-        if l1_entry != wanted:
-            driver.l1_table[l1_index] = wanted
+        expected = l2_offset | (QCOW_OFLAG_COPIED if refcounts.get(l2_offset >> bits) == 1 else 0)
+        if l1_entry != expected:
+            driver.l1_table[l1_index] = expected
             driver.l1_dirty = True
 
         table = driver.l2_cache.get(l2_offset)

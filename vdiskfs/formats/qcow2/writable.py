@@ -275,7 +275,7 @@ class WritableMixin:
     def resize(self, new_size: int, min_l1_entries: int = 0) -> None:
         """Grow the virtual size; the L1 table moves to a larger area when it must grow.
 
-        `min_l1_entries` asks for an L1 table of at least that many entries, which applying
+        `min_l1_entries` requests an L1 table of at least that many entries, which applying
         a snapshot whose L1 table also maps VM state needs.
         """
         if self.read_only:
