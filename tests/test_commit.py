@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,46 @@ def test_commit_missing_backing_fails(tmp_path):
     assert result.returncode == 1
     assert f"cannot open backing file {base} of {overlay} for writing" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_commit_interrupted_leaves_backing_clean(tmp_path):
+    base = create_qcow2(tmp_path / "base.qcow2", 2048 * MiB)
+    overlay = create_qcow2(tmp_path / "overlay.qcow2", 2048 * MiB, backing=str(base))
+    qemu_io(overlay, "write -P 0x33 0 1024M")
+
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "vdiskfs", "commit", str(overlay)],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=follower, start_new_session=True)
+        os.close(follower)
+        follower = -1
+        shown = os.read(leader, 4096).decode()  # the first progress bar drawing
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+        shown += _read_all(leader)
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+
+    assert "committing" in shown
+    assert process.returncode == 130, shown
+    assert f"commit of {overlay} interrupted" in shown
+    assert stdout == b""
+    check = qemu_img("check", base, check=False)
+    assert check.returncode == 0, check.stdout
+    assert "leaked" not in check.stdout
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO once the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")

@@ -11,6 +11,8 @@ it. A backing image smaller than the overlay is grown first.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from typing import Callable, Optional
 
 from vdiskfs.driver import Driver, Run, RunKind
@@ -50,14 +52,31 @@ def run(args: argparse.Namespace) -> int:
         set_quiet(True)
 
     top, backing = open_overlay_and_backing(args.overlay)
+    # Ctrl-C stops the copy between two chunks, never inside a cluster update, so the
+    # backing image keeps no half-allocated cluster.
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         with progress_bar(top.virtual_size, "committing") as bar:
-            commit(top, backing, bar.update)
+            def advance(done: int) -> None:
+                bar.update(done)
+                if interrupted:
+                    raise KeyboardInterrupt
+
+            commit(top, backing, advance)
         backing.close()
     except (VdiskError, OSError) as error:
         _close_quietly(backing)
         raise type(error)(f"cannot commit {args.overlay}: {_reason(error)}") from None
+    except KeyboardInterrupt:
+        # Closing flushes the metadata of what was copied, so the backing image stays
+        # consistent and without leaked clusters; it holds part of the overlay's data.
+        _close_quietly(backing)
+        print(f"vdiskfs: commit of {args.overlay} interrupted; {backing.filename} now holds "
+              f"part of its data; run the commit again to finish it", file=sys.stderr)
+        return 130
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         _close_quietly(top)
 
     if not args.quiet:
