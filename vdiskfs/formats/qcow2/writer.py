@@ -1,6 +1,6 @@
 """The qcow2 write path: cluster allocation, copy-on-write, zero clusters and discard.
 
-Every step here runs between two awaits of the FUSE layer, so no other request sees a
+Every step here runs between two awaits of the FUSE layer, so no other request can read a
 half-done cluster update. The order inside one cluster update is: refcount increment,
 data write, then the L2 entry; decrements are queued and applied by flush() only after
 the tables that dropped the reference are on disk.
@@ -134,7 +134,7 @@ class ClusterWriter:
             self.driver.write_host(host_cluster + in_cluster, chunk)
             return
 
-        # Copy-on-write: a new cluster holds the current guest content with the chunk on top.
+        # Copy-on-write: a new cluster receives the current guest content with the chunk on top.
         guest_cluster = cluster_index << self.cluster_bits
         buffer = bytearray(self.cluster_size)
         if not whole:
@@ -159,11 +159,12 @@ class ClusterWriter:
         """
         if self.driver.backing is not None or self.data_file_raw:
             return False
-        entry, bitmap = self.mapper.l2_entry(cluster_index)
-        if entry or bitmap:
+        # Most writes carry data, and memcmp stops at the first non-zero byte, so this test
+        # comes before the L2 lookup. bytes.startswith uses memcmp; memoryview == bytes does not.
+        if not self.zero_cluster_bytes.startswith(chunk):
             return False
-        # bytes.startswith compares with memcmp; memoryview == bytes goes item by item.
-        return self.zero_cluster_bytes.startswith(chunk)
+        entry, bitmap = self.mapper.l2_entry(cluster_index)
+        return not entry and not bitmap
 
     def allocate_data_cluster(self, guest_cluster: int) -> int:
         if self.has_data_file:
