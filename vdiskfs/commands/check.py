@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     format_name = args.format_name or probe_format(args.image)
     if format_name != "qcow2":
-        # Raw images have no metadata; qemu-img 7.2 says so and exits 63, and scripts that
-        # run both tools rely on the same status.
+        # Raw images have no metadata. qemu-img 7.2 reports that and exits 63, and scripts
+        # that run both tools rely on the same status.
         print(f"vdiskfs: {args.image}: this image format does not support checks",
               file=sys.stderr)
         return 63

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise type(error)(f"cannot commit {args.overlay}: {_reason(error)}") from None
     except KeyboardInterrupt:
         # Closing flushes the metadata of what was copied, so the backing image stays
-        # consistent and without leaked clusters; it holds part of the overlay's data.
+        # consistent and without leaked clusters. It then contains part of the overlay's data.
         _close_quietly(backing)
         print(f"vdiskfs: commit of {args.overlay} interrupted; {backing.filename} now holds "
               f"part of its data; run the commit again to finish it", file=sys.stderr)

@@ -44,7 +44,7 @@ class Qcow2Driver(WritableMixin, Driver):
         self._file_size = file_size(fd)
 
         self.header = self._read_header()
-        # QEMU sees whole 512-byte sectors only, so a size that is not a multiple of 512 (which
+        # QEMU counts a disk in whole 512-byte sectors, so a size that is not a multiple of 512 (which
         # qemu-img never writes) is rounded down as QEMU rounds it.
         self.virtual_size = self.header.size & ~511
         self.cluster_size = self.header.cluster_size

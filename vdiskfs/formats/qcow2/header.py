@@ -127,7 +127,7 @@ class Qcow2Header:
         return 1 << self.refcount_order
 
     def feature_name(self, kind: int, bit: int) -> Optional[str]:
-        """Name of a feature bit from the image's own table, else the one vdiskfs knows."""
+        """Name of a feature bit from the image's own feature name table, else the standard name."""
         return self.feature_names.get((kind, bit)) or KNOWN_FEATURE_NAMES.get((kind, bit))
 
 

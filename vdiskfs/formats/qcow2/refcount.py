@@ -2,9 +2,9 @@
 
 Every host cluster in use (header, L1 and L2 tables, refcount table and blocks, snapshot
 tables, data) has a refcount above 0. Increments reach the file before the L2 and L1
-entries that use them; decrements wait in `pending` until the tables that dropped the
-reference are on disk, so a crash leaves at worst leaked clusters, never a cluster in use
-with refcount 0.
+entries that use them. Decrements wait in `pending` until the tables that dropped the
+reference are on disk. A crash therefore leaves at worst leaked clusters, never a cluster
+in use with refcount 0.
 """
 
 from __future__ import annotations
