@@ -6,6 +6,7 @@ share clusters and L2 tables must neither corrupt the image nor tear a 512-byte 
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -139,4 +140,64 @@ def test_racing_threads_leave_whole_sectors(cluster_size, tmp_path, mountpoint):
             assert sector in (first, second), (
                 f"sector at guest offset {offset + position} is torn: "
                 f"{sector[:8].hex()}...{sector[-8:].hex()}")
+    assert_check_clean(image)
+
+
+def read_direct(disk: Path, offset: int, length: int) -> bytes:
+    """Read with O_DIRECT, so that every read reaches the daemon instead of the page cache."""
+    buffer = mmap.mmap(-1, length)
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = os.preadv(fd, [buffer], offset)
+        return bytes(buffer[:done])
+    finally:
+        os.close(fd)
+        buffer.close()
+
+
+@needs_fuse
+def test_large_reads_never_see_reused_clusters(tmp_path, mountpoint):
+    # Uncached 1 MiB reads run in the daemon's worker thread while writes free clusters
+    # (zeros) and allocate them again for other guest data. A read must return what its
+    # range held, never the bytes of the other range.
+    image = create_qcow2(tmp_path / "disk.qcow2", DISK_SIZE, f"cluster_size={CLUSTER_SIZE}")
+    watched, other = 0, 8 * MiB
+    block = MiB
+    watched_data = b"\x5a" * block
+    other_data = b"\xc3" * block
+    zeros = bytes(block)
+    stop = threading.Event()
+    seen = []
+
+    with mounted(image, mountpoint) as disk:
+        def write_loop() -> None:
+            fd = os.open(disk, os.O_RDWR)
+            image_fd = os.open(image, os.O_RDONLY)
+            try:
+                while not stop.is_set():
+                    for offset, data in ((watched, zeros), (other, other_data),
+                                         (other, zeros), (watched, watched_data)):
+                        os.pwrite(fd, data, offset)
+                        os.fsync(fd)
+                        # Evict the image from the host page cache, so that the reads
+                        # wait for the disk in the daemon's worker thread.
+                        os.posix_fadvise(image_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(image_fd)
+                os.close(fd)
+
+        writer = threading.Thread(target=write_loop)
+        writer.start()
+        try:
+            for _ in range(300):
+                data = read_direct(disk, watched, block)
+                for start in range(0, block, CLUSTER_SIZE):
+                    seen.append(data[start:start + CLUSTER_SIZE])
+        finally:
+            stop.set()
+            writer.join(timeout=60)
+
+    allowed = {zeros[:CLUSTER_SIZE], watched_data[:CLUSTER_SIZE]}
+    wrong = [index for index, cluster in enumerate(seen) if cluster not in allowed]
+    assert not wrong, f"{len(wrong)} clusters read other data, first at read {wrong[0]}"
     assert_check_clean(image)

@@ -103,6 +103,8 @@ async def _serve_connection(operations, connection) -> None:
         data += chunk
     try:
         request = json.loads(data.split(b"\n", 1)[0] or b"{}")
+        # Deleting a snapshot frees clusters, which running reads must not see.
+        await operations.gate.exclusive()
         reply = handle_request(operations, request)
     except (VdiskError, OSError, ValueError) as error:
         log.error("control request failed: %s", error)

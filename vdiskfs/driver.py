@@ -1,23 +1,26 @@
 """The format driver interface that every image format implements.
 
 The FUSE layer and the CLI talk only to this interface. A driver turns a guest range into
-runs with map_range(); the generic read path in Driver.read() consumes those runs, and the
-write, discard and map commands consume the same runs.
+runs with map_range(); the generic read path (plan_into) turns those runs into a ReadPlan,
+and the write, discard and map commands consume the same runs.
 
 Concurrency rule: drivers are synchronous and not thread-safe. The FUSE layer calls them from
-the trio thread only, so one request runs to completion before the next one starts.
+the trio thread only. The one exception is ReadPlan.run(), which may run in worker threads
+while the trio thread goes on, and so only reads host files (see vdiskfs.readplan).
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from vdiskfs.errors import ReadOnlyError
 from vdiskfs.locking import ImageLock
+from vdiskfs.readplan import ReadPlan
 
 
 class RunKind(enum.Enum):
@@ -99,36 +102,56 @@ class Driver(abc.ABC):
     def attach_backing(self, backing: "Driver") -> None:
         self.backing = backing
 
+    def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
+        """Add the steps that read a DATA or COMPRESSED run into the plan's [start, end).
+
+        The default calls read_data() when the plan runs, possibly in a worker thread, so a
+        driver whose read_data() is not thread-safe must override this.
+        """
+        plan.call(functools.partial(self.read_data, run), start, end)
+
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Return up to `length` bytes from guest `offset`, short at the end of the disk."""
-        if offset >= self.virtual_size or length <= 0:
-            return b""
-        length = min(length, self.virtual_size - offset)
-
-        buffer = bytearray(length)
-        self.read_into(offset, memoryview(buffer))
+        plan = self.plan_read(offset, length)
+        plan.run_here()
         # pyfuse3 accepts any bytes-like object, so the buffer goes out without a copy.
-        return buffer
+        return plan.result
+
+    def plan_read(self, offset: int, length: int) -> ReadPlan:
+        """Return a plan for up to `length` bytes from guest `offset`, short at the end."""
+        if offset >= self.virtual_size or length <= 0:
+            return ReadPlan.for_length(0)
+        length = min(length, self.virtual_size - offset)
+        plan = ReadPlan.for_length(length)
+        self.plan_into(offset, length, plan, 0)
+        return plan
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill `view` with guest data from `offset`; the range must lie inside the disk."""
-        for run in self.map_range(offset, len(view)):
-            part = view[run.guest_offset - offset:run.end - offset]
-            if run.kind is RunKind.DATA or run.kind is RunKind.COMPRESSED:
-                self.read_data(run, part)
-            elif run.kind is RunKind.UNALLOCATED and self.backing is not None:
-                self.read_backing(run.guest_offset, part)
-            else:
-                part[:] = bytes(len(part))
+        plan = ReadPlan(view, zeroed=False)
+        self.plan_into(offset, len(view), plan, 0)
+        plan.run_here()
 
-    def read_backing(self, offset: int, view: memoryview) -> None:
-        """Fill `view` from the backing file; what lies past its end reads as zeros."""
+    def plan_into(self, offset: int, length: int, plan: ReadPlan, start: int) -> None:
+        """Plan guest [offset, offset + length) into the plan's result from index `start`."""
+        for run in self.map_range(offset, length):
+            begin = start + run.guest_offset - offset
+            end = begin + run.length
+            if run.kind is RunKind.DATA or run.kind is RunKind.COMPRESSED:
+                self.plan_data(run, plan, begin, end)
+            elif run.kind is RunKind.UNALLOCATED and self.backing is not None:
+                self.plan_backing(run.guest_offset, run.length, plan, begin)
+            else:
+                plan.zeros(begin, end)
+
+    def plan_backing(self, offset: int, length: int, plan: ReadPlan, start: int) -> None:
+        """Plan a range from the backing file; what lies past its end reads as zeros."""
         backing = self.backing
-        covered = max(0, min(len(view), backing.virtual_size - offset))
+        covered = max(0, min(length, backing.virtual_size - offset))
         if covered:
-            backing.read_into(offset, view[:covered])
-        if covered < len(view):
-            view[covered:] = bytes(len(view) - covered)
+            backing.plan_into(offset, covered, plan, start)
+        if covered < length:
+            plan.zeros(start + covered, start + length)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write `data` at guest `offset`; the range must lie inside the disk."""

@@ -5,9 +5,9 @@ exported file shows the guest view of one image: its size is the virtual size, r
 writes go to the image's Driver, truncating it to a larger size resizes the disk.
 
 Concurrency rule: trio runs every handler in one thread, and drivers are synchronous and not
-thread-safe, so handlers call them inline and never await between two driver calls. A handler
-therefore runs to completion before the next request starts, and the drivers need no locks.
-Moving a driver call to trio.to_thread would break that rule and needs a lock per driver.
+thread-safe, so handlers call them inline and never await between two driver calls. The one
+exception is a read's plan, which runs in a worker thread (vdiskfs.concurrency): handlers
+that change an image first wait in ReadGate.exclusive() until no plan runs.
 
 Errors: handlers raise only pyfuse3.FUSEError, because pyfuse3 ends its main loop on any other
 exception. DiskOperations.request_failed() turns every error into an errno value, logs it with
@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pyfuse3
 
+from vdiskfs.concurrency import PlanRunner, ReadGate
 from vdiskfs.driver import Driver
 from vdiskfs.errors import (CorruptImageError, FormatChangeError, ReadOnlyError,
                             UnsupportedFeatureError, VdiskError)
@@ -170,6 +171,8 @@ class DiskOperations(pyfuse3.Operations):
         self._by_inode: Dict[int, ExportedFile] = {}
         self._by_name: Dict[bytes, ExportedFile] = {}
         self._errors = ErrorLog()
+        self.gate = ReadGate()
+        self._plans = PlanRunner(self.gate)
         self.after_init: Optional[Callable[[], None]] = None
         # Checked once: the read/write path logs nothing unless debug logging is on.
         self._trace = log.isEnabledFor(logging.DEBUG)
@@ -435,6 +438,7 @@ class DiskOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
 
         if fields.update_size:
+            await self.gate.exclusive()
             self._resize(exported, attr.st_size)
         now = time.time_ns()
         if fields.update_atime:
@@ -479,10 +483,14 @@ class DiskOperations(pyfuse3.Operations):
         exported = self._exported(fh)
         if self._trace:
             log.debug("read %s offset %d length %d", exported.name, off, size)
+        if self.gate.changes_waiting:
+            await self.gate.wait_for_changes()
         try:
-            return exported.driver.read(off, size)
+            plan = exported.driver.plan_read(off, size)
+            await self._plans.run(plan)
         except Exception as error:
             raise self.request_failed(error, exported, "read", off, size) from None
+        return plan.result
 
     async def write(self, fh, off, buf):
         exported = self._exported(fh)
@@ -495,6 +503,7 @@ class DiskOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         if len(buf) > available:
             buf = buf[:available]
+        await self.gate.exclusive()
         try:
             exported.driver.write(off, buf)
         except Exception as error:
@@ -511,10 +520,13 @@ class DiskOperations(pyfuse3.Operations):
         # so that closing after a read costs nothing.
         exported = self._exported(fh)
         if exported.dirty:
+            await self.gate.exclusive()
             self._flush(exported, "flush")
 
     async def fsync(self, fh, datasync):
-        self._flush(self._exported(fh), "fsync")
+        exported = self._exported(fh)
+        await self.gate.exclusive()
+        self._flush(exported, "fsync")
 
     def _flush(self, exported: ExportedFile, operation: str) -> None:
         try:

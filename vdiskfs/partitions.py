@@ -24,6 +24,7 @@ from typing import Callable, Iterator, List
 
 from vdiskfs.driver import Driver, Run, RunKind
 from vdiskfs.errors import ReadOnlyError, UnsupportedFeatureError
+from vdiskfs.readplan import ReadPlan
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,9 @@ class PartitionDriver(Driver):
 
     def read_data(self, run: Run, view: memoryview) -> None:
         view[:] = self.disk.read(run.host_offset, len(view))
+
+    def plan_into(self, offset: int, length: int, plan: ReadPlan, start: int) -> None:
+        self.disk.plan_into(self.partition.offset + offset, length, plan, start)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.virtual_size or length <= 0:

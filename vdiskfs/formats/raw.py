@@ -14,6 +14,7 @@ from typing import Iterator
 from vdiskfs.driver import Driver, Run, RunKind
 from vdiskfs.errors import FormatChangeError, ReadOnlyError, UnsupportedFeatureError
 from vdiskfs.hostfile import file_size, open_host_file, pread_exact
+from vdiskfs.readplan import ReadPlan
 
 # Bytes at the start of a file that format probing reads.
 PROBE_LENGTH = 512
@@ -45,6 +46,9 @@ class RawDriver(Driver):
         if done < len(view):
             # The file shrank under us; what is gone reads as zeros.
             view[done:] = bytes(len(view) - done)
+
+    def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
+        plan.host_read(self.fd, run.host_offset, start, end)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.virtual_size or length <= 0:

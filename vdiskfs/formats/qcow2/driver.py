@@ -6,8 +6,10 @@ interpreted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from collections import OrderedDict
 from typing import Iterator, Optional
 
@@ -23,6 +25,7 @@ from vdiskfs.formats.qcow2.snapshot_ops import SnapshotError, find_snapshot, rea
 from vdiskfs.formats.qcow2.rebuild import repair_dirty_image
 from vdiskfs.formats.qcow2.writable import WritableMixin
 from vdiskfs.hostfile import file_size, open_host_file, pread_exact
+from vdiskfs.readplan import ReadPlan
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,9 @@ class Qcow2Driver(WritableMixin, Driver):
         self.snapshots = read_snapshot_table(fd, self.header, self._file_size)
         self.snapshot_table_bytes = snapshot_table_length(self.snapshots)
         self.mapper = Mapper(self, self.l1_table)
+        # Decompressed clusters by host offset, locked because plan steps may run in threads.
         self._decompressed: "OrderedDict[int, bytes]" = OrderedDict()
+        self._decompressed_lock = threading.Lock()
         self._decompressed_capacity = max(1, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
         if not self.read_only:
             self.enable_writes()
@@ -186,7 +191,20 @@ class Qcow2Driver(WritableMixin, Driver):
             self.corruption_found(error)
             raise
 
+    def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
+        if run.kind is RunKind.DATA:
+            plan.host_read(self.data_file_fd, run.host_offset, start, end)
+            return
+        cluster = self._cached_cluster(run.host_offset)
+        if cluster is not None:
+            begin = run.guest_offset - run.cluster_offset
+            plan.copy(start, cluster[begin:begin + end - start])
+            return
+        plan.call(functools.partial(self._read_run, run), start, end,
+                  failed=self.corruption_found)
+
     def _read_run(self, run: Run, view: memoryview) -> None:
+        # Safe in worker threads: it touches only the files and the locked cache.
         if run.kind is RunKind.DATA:
             done = os.preadv(self.data_file_fd, [view], run.host_offset)
             if done < len(view):
@@ -198,10 +216,16 @@ class Qcow2Driver(WritableMixin, Driver):
         start = run.guest_offset - run.cluster_offset
         view[:] = cluster[start:start + len(view)]
 
+    def _cached_cluster(self, host_offset: int) -> Optional[bytes]:
+        with self._decompressed_lock:
+            cluster = self._decompressed.get(host_offset)
+            if cluster is not None:
+                self._decompressed.move_to_end(host_offset)
+            return cluster
+
     def _decompressed_cluster(self, run: Run) -> bytes:
-        cluster = self._decompressed.get(run.host_offset)
+        cluster = self._cached_cluster(run.host_offset)
         if cluster is not None:
-            self._decompressed.move_to_end(run.host_offset)
             return cluster
 
         compressed = os.pread(self.fd, run.compressed_length, run.host_offset)
@@ -210,10 +234,16 @@ class Qcow2Driver(WritableMixin, Driver):
         except CorruptImageError as error:
             raise CorruptImageError(
                 f"compressed cluster at host offset {run.host_offset:#x}: {error}") from None
-        self._decompressed[run.host_offset] = cluster
-        if len(self._decompressed) > self._decompressed_capacity:
-            self._decompressed.popitem(last=False)
+        with self._decompressed_lock:
+            self._decompressed[run.host_offset] = cluster
+            if len(self._decompressed) > self._decompressed_capacity:
+                self._decompressed.popitem(last=False)
         return cluster
+
+    def forget_decompressed(self) -> None:
+        """Drop every cached decompressed cluster."""
+        with self._decompressed_lock:
+            self._decompressed.clear()
 
     def select_snapshot(self, name_or_id: str) -> None:
         """Serve an internal snapshot's content, read-only, in place of the active layer."""

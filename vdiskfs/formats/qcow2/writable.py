@@ -261,7 +261,7 @@ class WritableMixin:
         if self.metadata_clusters is not None:
             self.metadata_clusters.discard(offset >> self.header.cluster_bits)
         self.l2_cache.forget(offset)
-        self._decompressed.clear()
+        self.forget_decompressed()
 
     def close_writable(self) -> None:
         self.flush()
