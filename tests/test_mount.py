@@ -26,6 +26,7 @@ import trio
 
 from conftest import force_unmount, remove_runtime_log, wait_for_exit
 from helpers import mounted, needs_fuse, qemu_img, qemu_io, reference_raw, vdiskfs
+from images import MiB
 from vdiskfs import daemon
 from vdiskfs.errors import CorruptImageError, ReadOnlyError, UnsupportedFeatureError
 from vdiskfs.fs import DiskOperations, ErrorLog, errno_for, exported_name
@@ -293,6 +294,34 @@ def test_signal_unmounts_cleanly(raw_image, mountpoint, signum):
     assert wait_for_exit(pid, timeout=IO_TIMEOUT) == 0
     assert not is_mounted(mountpoint)
     assert f"received {signal.Signals(signum).name}" in daemon_log(mountpoint)
+
+
+@needs_fuse
+def test_signal_writes_back_cached_pages(tmp_path, mountpoint):
+    # With --writeback-cache, written pages stay in the kernel until writeback. A stop
+    # signal must have them written to the image before the connection closes.
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "16M")
+    data = random.Random(3).randbytes(4 * MiB)
+    vdiskfs("mount", "--writeback-cache", image, mountpoint)
+    pid = daemon_pid(mountpoint)
+
+    # The descriptor stays open, because close() would write the pages back itself.
+    fd = os.open(mountpoint / "disk.raw", os.O_RDWR)
+    try:
+        os.pwrite(fd, data, MiB)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for_exit(pid, timeout=IO_TIMEOUT) == 0
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the connection is gone
+
+    converted = tmp_path / "converted.raw"
+    qemu_img("convert", "-O", "raw", image, converted)
+    assert converted.read_bytes()[MiB:5 * MiB] == data
+    assert "received SIGTERM, writing back cached pages" in daemon_log(mountpoint)
 
 
 @needs_fuse

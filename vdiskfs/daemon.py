@@ -65,6 +65,10 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # requests that arrive during a large read's thread handoff gains.
 FUSE_MAX_TASKS = 1
 
+# Seconds that a stop signal waits for the kernel to write back the mount's dirty pages.
+STOP_SYNC_TIMEOUT = 60.0
+SYNC_POLL_INTERVAL = 0.01
+
 # Seconds that `vdiskfs mount` waits for the daemon to mount. Mounting normally takes
 # milliseconds, so this only catches a daemon that hangs in libfuse or fusermount3.
 READY_TIMEOUT = 60.0
@@ -395,11 +399,57 @@ class _StopState:
 async def _terminate_on_signal(signals, state: _StopState, mountpoint: str) -> None:
     async for signum in signals:
         if state.signal is None:
-            log.info("received %s, unmounting %s", signal.Signals(signum).name, mountpoint)
+            log.info("received %s, writing back cached pages and unmounting %s",
+                     signal.Signals(signum).name, mountpoint)
             state.signal = signum
+            await _write_back_cached_pages(mountpoint)
             pyfuse3.terminate()
         else:
             log.info("received %s, already unmounting", signal.Signals(signum).name)
+
+
+async def _write_back_cached_pages(mountpoint: str) -> None:
+    # Dirty pages in the kernel (--writeback-cache, shared mmap) reach the image
+    # only as write requests, so the loop must keep serving while a thread waits for them.
+    # A plain thread, polled, can be left behind when the timeout passes.
+    errors: list = []
+
+    def write_back() -> None:
+        try:
+            sync_file_system(mountpoint)
+        except OSError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=write_back, name="vdiskfs-syncfs", daemon=True)
+    thread.start()
+    with trio.move_on_after(STOP_SYNC_TIMEOUT):
+        while thread.is_alive():
+            await trio.sleep(SYNC_POLL_INTERVAL)
+    if thread.is_alive():
+        log.error("writing back the cached pages of %s did not finish in %.0f s; unmounting "
+                  "anyway, and pages not yet written are lost", mountpoint, STOP_SYNC_TIMEOUT)
+    elif errors:
+        log.error("writing back the cached pages of %s failed: %s; pages not yet written "
+                  "are lost", mountpoint, errors[0])
+
+
+def sync_file_system(path: str) -> None:
+    """Write back the dirty pages of the file system that contains `path`.
+
+    Uses syncfs(2), which Linux has, and falls back to sync(2), which syncs every file
+    system. ctypes releases the GIL during the call, so the FUSE loop keeps serving.
+    """
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
 
 
 async def _serve(state: _StopState, mountpoint: str, operations: DiskOperations) -> None:
@@ -428,9 +478,9 @@ def serve_until_unmounted(operations: DiskOperations, mountpoint: str,
     unmounted (fusermount3 -u, umount, `vdiskfs umount`), libfuse notices that the mount is
     gone and does not try again. Either way the drivers are closed, which flushes them.
 
-    NOTE: after a stop signal, pages dirtied through a shared mmap and not yet written back
-    are lost, because the connection closes before the kernel sends them. Data written with
-    write() is not affected, because without writeback caching it reaches the driver at once.
+    Before a stop signal ends the loop, the kernel writes back the dirty pages of the mount
+    (with --writeback-cache, or through a shared mmap). Pages still dirty after
+    STOP_SYNC_TIMEOUT seconds are lost, because the connection then closes.
     """
     state = _StopState()
     status = 0
