@@ -8,6 +8,8 @@ because a shared machine gives noisy numbers.
 
 Systems:
 - vdiskfs: `python -m vdiskfs mount IMAGE MNT`, file MNT/<stem>.raw.
+- vdiskfs --writeback-cache: the same with the kernel's writeback cache, for the write
+  workloads only, because the option changes nothing for reads.
 - qemu-storage-daemon: a FUSE export of a qcow2 node onto a regular file.
 - qcowmount (libqcow): read-only workloads only; it does not follow backing files, so it
   is left out of the backing-chain read.
@@ -57,10 +59,11 @@ BLOCK_SIZE = 1 * MiB
 MOUNT_TIMEOUT = 30.0
 
 VDISKFS = "vdiskfs"
+VDISKFS_WRITEBACK = "vdiskfs --writeback-cache"
 QSD = "qemu-storage-daemon"
 QCOWMOUNT = "qcowmount"
 RAW = "raw (no FUSE)"
-SYSTEMS = [VDISKFS, QSD, QCOWMOUNT, RAW]
+SYSTEMS = [VDISKFS, VDISKFS_WRITEBACK, QSD, QCOWMOUNT, RAW]
 
 
 @dataclass
@@ -383,6 +386,21 @@ class Vdiskfs(System):
         return elapsed
 
 
+class VdiskfsWriteback(Vdiskfs):
+    """vdiskfs with the kernel's writeback cache, an option that only changes writes."""
+
+    name = VDISKFS_WRITEBACK
+
+    def command(self, image: Path, mountpoint: Path, read_only: bool) -> List[str]:
+        command = super().command(image, mountpoint, read_only)
+        return command[:-2] + ["--writeback-cache"] + command[-2:]
+
+    def mountpoint(self) -> Path:
+        mountpoint = self.work / "mnt-vdiskfs-writeback"
+        mountpoint.mkdir(exist_ok=True)
+        return mountpoint
+
+
 class QemuStorageDaemon(System):
     name = QSD
 
@@ -582,7 +600,8 @@ class Bench:
         self.work = work
         self.images = Images(work, self.sizes)
         self.systems = {system.name: system for system in (
-            Vdiskfs(work, args.python), QemuStorageDaemon(work, args.python),
+            Vdiskfs(work, args.python), VdiskfsWriteback(work, args.python),
+            QemuStorageDaemon(work, args.python),
             Qcowmount(work, args.python), RawFile(work, args.python))}
         self.results: List[Result] = []
         self.extra: Dict[str, dict] = {}
@@ -738,7 +757,7 @@ class Bench:
         chain = self.images.chain()
 
         readers = [VDISKFS, QSD, QCOWMOUNT, RAW]
-        writers = [VDISKFS, QSD, RAW]
+        writers = [VDISKFS, VDISKFS_WRITEBACK, QSD, RAW]
         self.read_workload("sequential read 1 MiB", allocated, readers)
         self.read_workload("compressed sequential read", compressed, readers)
         self.read_workload("backing chain (3 deep) read", chain, [VDISKFS, QSD, RAW])
@@ -799,13 +818,15 @@ def format_ratio(value: Optional[float]) -> str:
 
 
 def markdown_table(results: List[Result]) -> str:
-    header = ["workload", "unit", *SYSTEMS, "vdiskfs / qsd", "vdiskfs / raw", "vdiskfs peak RSS"]
+    header = ["workload", "unit", *SYSTEMS, "vdiskfs / qsd", "writeback / qsd", "vdiskfs / raw",
+              "vdiskfs peak RSS"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         rss = result.peak_rss.get(VDISKFS)
         row = [result.name, result.unit,
                *(format_value(result.median(system), result.unit) for system in SYSTEMS),
                format_ratio(result.speed_ratio(VDISKFS, QSD)),
+               format_ratio(result.speed_ratio(VDISKFS_WRITEBACK, QSD)),
                format_ratio(result.speed_ratio(VDISKFS, RAW)),
                "n/a" if rss is None else f"{rss / MiB:.0f} MiB"]
         lines.append("| " + " | ".join(row) + " |")
