@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import random
 import signal
@@ -297,30 +298,41 @@ def test_signal_unmounts_cleanly(raw_image, mountpoint, signum):
 
 
 @needs_fuse
-def test_signal_writes_back_cached_pages(tmp_path, mountpoint):
-    # With --writeback-cache, written pages stay in the kernel until writeback. A stop
-    # signal must have them written to the image before the connection closes.
+@pytest.mark.parametrize("how", ["write-writeback-cache", "mmap-default", "mmap-writeback-cache"])
+def test_signal_writes_back_cached_pages(how, tmp_path, mountpoint):
+    # Written pages can stay in the kernel until writeback: with --writeback-cache, and for
+    # a shared mmap in any mode. A stop signal must have them written to the image before
+    # the connection closes. 64 MiB is more than a stop that skips the wait got through.
     image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", image, "16M")
-    data = random.Random(3).randbytes(4 * MiB)
-    vdiskfs("mount", "--writeback-cache", image, mountpoint)
+    qemu_img("create", "-q", "-f", "qcow2", image, "128M")
+    size = 64 * MiB
+    data = random.Random(3).randbytes(size)
+    options = ["--writeback-cache"] if how.endswith("writeback-cache") else []
+    vdiskfs("mount", *options, image, mountpoint)
     pid = daemon_pid(mountpoint)
 
     # The descriptor stays open, because close() would write the pages back itself.
     fd = os.open(mountpoint / "disk.raw", os.O_RDWR)
+    mapping = None
     try:
-        os.pwrite(fd, data, MiB)
+        if how.startswith("mmap"):
+            mapping = mmap.mmap(fd, size, offset=MiB)
+            mapping[:] = data
+        else:
+            os.pwrite(fd, data, MiB)
         os.kill(pid, signal.SIGTERM)
         assert wait_for_exit(pid, timeout=IO_TIMEOUT) == 0
     finally:
         try:
+            if mapping is not None:
+                mapping.close()
             os.close(fd)
-        except OSError:
+        except (OSError, ValueError):
             pass  # the connection is gone
 
     converted = tmp_path / "converted.raw"
     qemu_img("convert", "-O", "raw", image, converted)
-    assert converted.read_bytes()[MiB:5 * MiB] == data
+    assert converted.read_bytes()[MiB:MiB + size] == data
     assert "received SIGTERM, writing back cached pages" in daemon_log(mountpoint)
 
 
