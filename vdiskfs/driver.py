@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import enum
-import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -96,19 +95,15 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def read_data(self, run: Run, view: memoryview) -> None:
-        """Fill `view` with the bytes of a DATA or COMPRESSED run of this layer."""
-
-    def attach_backing(self, backing: "Driver") -> None:
-        self.backing = backing
-
     def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
         """Add the steps that read a DATA or COMPRESSED run into the plan's [start, end).
 
-        The default calls read_data() when the plan runs, possibly in a worker thread, so a
-        driver whose read_data() is not thread-safe must override this.
+        The steps may run in a worker thread, so they may touch only host files and state
+        that is locked.
         """
-        plan.call(functools.partial(self.read_data, run), start, end)
+
+    def attach_backing(self, backing: "Driver") -> None:
+        self.backing = backing
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Return up to `length` bytes from guest `offset`, short at the end of the disk."""

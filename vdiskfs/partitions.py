@@ -269,17 +269,8 @@ class PartitionDriver(Driver):
     def map_range(self, offset: int, length: int) -> Iterator[Run]:
         yield Run(offset, length, RunKind.DATA, host_offset=self.partition.offset + offset)
 
-    def read_data(self, run: Run, view: memoryview) -> None:
-        view[:] = self.disk.read(run.host_offset, len(view))
-
-    def plan_into(self, offset: int, length: int, plan: ReadPlan, start: int) -> None:
-        self.disk.plan_into(self.partition.offset + offset, length, plan, start)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.virtual_size or length <= 0:
-            return b""
-        length = min(length, self.virtual_size - offset)
-        return self.disk.read(self.partition.offset + offset, length)
+    def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
+        self.disk.plan_into(run.host_offset, end - start, plan, start)
 
     def write(self, offset: int, data: bytes) -> None:
         if self.read_only:

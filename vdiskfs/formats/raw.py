@@ -41,23 +41,9 @@ class RawDriver(Driver):
     def map_range(self, offset: int, length: int) -> Iterator[Run]:
         yield Run(offset, length, RunKind.DATA, host_offset=offset)
 
-    def read_data(self, run: Run, view: memoryview) -> None:
-        done = os.preadv(self.fd, [view], run.host_offset)
-        if done < len(view):
-            # The file shrank under us; what is gone reads as zeros.
-            view[done:] = bytes(len(view) - done)
-
     def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
+        # When the file shrank under us, what is gone reads as zeros.
         plan.host_read(self.fd, run.host_offset, start, end)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.virtual_size or length <= 0:
-            return b""
-        length = min(length, self.virtual_size - offset)
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
 
     def write(self, offset: int, data: bytes) -> None:
         if self.read_only:

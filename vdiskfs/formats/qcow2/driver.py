@@ -184,15 +184,10 @@ class Qcow2Driver(WritableMixin, Driver):
             self.corruption_found(error)
             raise
 
-    def read_data(self, run: Run, view: memoryview) -> None:
-        try:
-            self._read_run(run, view)
-        except CorruptImageError as error:
-            self.corruption_found(error)
-            raise
-
     def plan_data(self, run: Run, plan: ReadPlan, start: int, end: int) -> None:
         if run.kind is RunKind.DATA:
+            # The last cluster of a file, or an external data file, may end early, and the
+            # plan reads zeros past the end.
             plan.host_read(self.data_file_fd, run.host_offset, start, end)
             return
         cluster = self._cached_cluster(run.host_offset)
@@ -200,18 +195,11 @@ class Qcow2Driver(WritableMixin, Driver):
             begin = run.guest_offset - run.cluster_offset
             plan.copy(start, cluster[begin:begin + end - start])
             return
-        plan.call(functools.partial(self._read_run, run), start, end,
+        plan.call(functools.partial(self._read_compressed, run), start, end,
                   failed=self.corruption_found)
 
-    def _read_run(self, run: Run, view: memoryview) -> None:
+    def _read_compressed(self, run: Run, view: memoryview) -> None:
         # Safe in worker threads: it touches only the files and the locked cache.
-        if run.kind is RunKind.DATA:
-            done = os.preadv(self.data_file_fd, [view], run.host_offset)
-            if done < len(view):
-                # The last cluster of a file, or an external data file, may end early.
-                view[done:] = bytes(len(view) - done)
-            return
-
         cluster = self._decompressed_cluster(run)
         start = run.guest_offset - run.cluster_offset
         view[:] = cluster[start:start + len(view)]
