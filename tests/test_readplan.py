@@ -54,7 +54,7 @@ def test_zeros_written_only_when_needed():
     dirty = ReadPlan(memoryview(bytearray(b"\xff" * 16)), zeroed=False)
     dirty.zeros(4, 12)
     assert dirty.result == b"\xff" * 4 + bytes(8) + b"\xff" * 4
-    assert not dirty.pending
+    assert dirty.pending_bytes == 0
 
 
 @pytest.mark.skipif(not RWF_NOWAIT, reason="RWF_NOWAIT is Linux-only")
@@ -63,7 +63,7 @@ def test_cached_reads_complete_inline(host_file):
     plan = ReadPlan.for_length(16384)
     plan.host_read(host_file, 0, 0, 16384)
     assert plan.run_cached()
-    assert not plan.pending
+    assert plan.pending_bytes == 0
     assert plan.result == bytes(range(256)) * 64
 
 
@@ -81,7 +81,7 @@ def test_failing_call_reaches_its_handler():
     assert str(reported[0]) == "damaged cluster"
 
 
-def test_runner_reads_large_plan_in_thread(tmp_path):
+def test_runner_completes_uncached_large_plan(tmp_path):
     path = tmp_path / "large.bin"
     data = os.urandom(1024 * 1024)
     path.write_bytes(data)

@@ -1,7 +1,7 @@
 """Large reads in a worker thread beside the trio thread, and the gate that keeps them safe.
 
-A FUSE read plans in the trio thread (metadata lookups). A large plan then reads what the
-host page cache does not hold in a worker thread, and the trio thread awaits it, so the
+A FUSE read plans in the trio thread (metadata lookups). A large plan then reads the data
+that is not in the host page cache in a worker thread. The trio thread awaits it, so the
 control socket may be served meanwhile. Everything else that touches a driver stays in the
 trio thread and runs to completion without awaiting.
 
@@ -56,7 +56,7 @@ class ReadGate:
                 self._lot.unpark_all()
 
     async def exclusive(self) -> None:
-        """Return once no read plan runs; the caller must then change the image without awaiting.
+        """Return once no read plan runs, so that the caller can change the image without awaiting.
 
         Returns without a checkpoint when nothing runs, so the common case costs nothing.
         """
@@ -68,7 +68,7 @@ class ReadGate:
                 await self._lot.park()
         finally:
             self.changes_waiting -= 1
-            # Wake the reads that waited for this change; they check again for others.
+            # Wake the reads that waited for this change, which then check for other changes.
             self._lot.unpark_all()
 
 
@@ -90,12 +90,13 @@ class PlanRunner:
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, plan: ReadPlan) -> None:
-        """Complete `plan`; raise what its steps raised, after report_failure()."""
+        """Complete `plan`, and raise what its steps raised after report_failure()."""
         try:
-            if _wants_thread(plan):
-                # Whatever the host page cache holds is copied at once, without a handoff.
+            large = plan.pending_bytes >= THREAD_MIN_BYTES and not plan.has_calls
+            if large:
+                # Copy what the host page cache has at once, without a handoff.
                 plan.run_cached()
-            if _wants_thread(plan):
+            if large and plan.pending_bytes >= THREAD_MIN_BYTES:
                 with self._gate.running():
                     await trio.to_thread.run_sync(plan.run, limiter=self._limiter)
             else:
@@ -103,7 +104,3 @@ class PlanRunner:
         except Exception as error:
             plan.report_failure(error)
             raise
-
-
-def _wants_thread(plan: ReadPlan) -> bool:
-    return plan.pending_bytes >= THREAD_MIN_BYTES and not plan.has_calls

@@ -486,9 +486,10 @@ def serve_until_unmounted(operations: DiskOperations, mountpoint: str,
     unmounted (fusermount3 -u, umount, `vdiskfs umount`), libfuse notices that the mount is
     gone and does not try again. Either way the drivers are closed, which flushes them.
 
-    Before a stop signal ends the loop, the kernel writes back the dirty pages of the mount
-    (with --writeback-cache, or through a shared mmap). Pages still dirty after
-    STOP_SYNC_TIMEOUT seconds are lost, because the connection then closes.
+    Before a stop signal ends the loop, the daemon fsyncs every writable exported file, so
+    that the kernel writes back the pages it keeps dirty (with --writeback-cache, or through
+    a shared mmap). Pages still dirty after STOP_SYNC_TIMEOUT seconds are lost, because the
+    connection then closes.
     """
     state = _StopState()
     status = 0

@@ -5,7 +5,7 @@ the thread that owns the driver may touch, and records which host bytes land whe
 result. Running the plan only reads host files and decompresses clusters, so the FUSE layer
 can run it in a worker thread while the trio thread serves other requests. A plan never
 changes image state, and it stays valid only while nothing frees or moves the clusters it
-reads (see fs.ReadGate).
+reads (see concurrency.ReadGate).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class _HostRead:
 
 
 class _Call:
-    """Call function(view) on the result's [start, end); `failed` gets the error it raises."""
+    """Call function(view) on the result's [start, end), and pass its error to `failed`."""
 
     __slots__ = ("function", "start", "end", "failed")
 
@@ -46,7 +46,7 @@ class _Call:
 class ReadPlan:
     """The steps that fill `view` with guest data, in any order and from any thread.
 
-    With `zeroed`, the view holds only zeros already, so ranges that read as zeros and bytes
+    With `zeroed`, the view contains only zeros already, so ranges that read as zeros and bytes
     past the end of a host file need no work.
     """
 
@@ -65,10 +65,6 @@ class ReadPlan:
     def result(self) -> bytearray:
         """The buffer that the plan fills (for plans made by for_length)."""
         return self.view.obj
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._steps)
 
     @property
     def has_calls(self) -> bool:
@@ -90,7 +86,7 @@ class ReadPlan:
         self.view[start:start + len(data)] = data
 
     def host_read(self, fd: int, offset: int, start: int, end: int) -> None:
-        """Read host bytes from `offset` of `fd`; bytes past the end of the file read as zeros."""
+        """Read host bytes from `offset` of `fd`, with zeros past the end of the file."""
         last = self._steps[-1] if self._steps else None
         if (type(last) is _HostRead and last.fd == fd and last.end == start
                 and last.offset + (last.end - last.start) == offset):
@@ -140,7 +136,7 @@ class ReadPlan:
         return not remaining
 
     def run(self) -> None:
-        """Do every remaining step, waiting for the disk; callable from any thread."""
+        """Do every remaining step, waiting for the disk, in any thread."""
         steps, self._steps = self._steps, []
         for step in steps:
             if type(step) is _HostRead:
@@ -163,7 +159,7 @@ class ReadPlan:
             offset += done
 
     def report_failure(self, error: Exception) -> None:
-        """Pass `error` from run() to the failing step's handler; call it in the planning thread."""
+        """Pass `error` from run() to the failing step's handler, in the planning thread."""
         step, self._failed_step = self._failed_step, None
         if step is not None and step.failed is not None:
             step.failed(error)
